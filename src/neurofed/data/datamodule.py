@@ -1,0 +1,190 @@
+"""Lightning DataModule: BIDS roots -> cached volumes -> subject-split loaders.
+
+One instance per site in federated runs (or several roots pooled for a
+centralised baseline). Indexing and caching happen in ``prepare_data`` (once
+per machine, with a progress bar); ``setup`` re-indexes cheaply, splits by
+subject per root and builds the datasets. GPU augmentation runs in
+``on_after_batch_transfer`` so that it happens on the device, batched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from neurofed.data.augmentation import GPUAugment
+from neurofed.data.bids import ScanRecord, dataset_name, index_bids
+from neurofed.data.cache import VolumeCache
+from neurofed.data.dataset import CachedVolumeDataset
+from neurofed.data.preprocessing import PreprocessConfig
+from neurofed.data.splits import split_subjects
+from neurofed.data.validation import ValidationReport
+
+log = logging.getLogger(__name__)
+
+
+class BrainMRIDataModule(L.LightningDataModule):
+    """Brain MRI scans from one or more BIDS roots (one root = one site)."""
+
+    def __init__(
+        self,
+        root: str | list[str],
+        label: str = "age",
+        modalities: list[str] = ["T1w"],  # noqa: B006 - documented public default, never mutated
+        session: str | None = None,
+        acq: str | None = None,
+        run: str | None = None,
+        derivatives: str | None = None,
+        spacing: float = 2.0,
+        shape: tuple[int, int, int] = (80, 96, 80),
+        split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        split_seed: int = 42,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        augment: bool = True,
+        strict: bool = False,
+        max_subjects: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.roots = [Path(r) for r in ([root] if isinstance(root, (str, Path)) else root)]
+        if not self.roots:
+            raise ValueError("root must name at least one BIDS folder")
+        self.label = label
+        self.modalities = ["T1w"] + [m for m in modalities if m != "T1w"]
+        self.session, self.acq, self.run, self.derivatives = session, acq, run, derivatives
+        self.config = PreprocessConfig(spacing=spacing, shape=tuple(shape))
+        self.split = tuple(split)
+        self.split_seed = split_seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache = VolumeCache(cache_dir)
+        self.augment = augment
+        self.strict = strict
+        self.max_subjects = max_subjects
+        self.augmenter = GPUAugment()
+        self.report = ValidationReport()
+        self.train_records: list[ScanRecord] = []
+        self.val_records: list[ScanRecord] = []
+        self.test_records: list[list[ScanRecord]] = [[] for _ in self.roots]
+        self.predict_records: list[ScanRecord] = []
+        self._datasets: dict[str, object] | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [dataset_name(r) for r in self.roots]
+
+    def _index(self) -> tuple[list[ScanRecord], ValidationReport]:
+        records: list[ScanRecord] = []
+        report = ValidationReport()
+        for root, site in zip(self.roots, self.site_names):
+            found, site_report = index_bids(
+                root, self.modalities, self.label, self.session, self.acq, self.run,
+                self.derivatives, strict=self.strict, site=site,
+            )
+            if self.max_subjects is not None:
+                keep = set(sorted({r.participant_id for r in found})[: self.max_subjects])
+                found = [r for r in found if r.participant_id in keep]
+            records.extend(found)
+            report.merge(site_report)
+        return records, report
+
+    def prepare_data(self) -> None:
+        records, report = self._index()
+        self.cache.ensure(records, self.config, self.num_workers, report, strict=self.strict)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets is not None:
+            return
+        records, report = self._index()
+        self.cache.ensure(records, self.config, self.num_workers, report, strict=self.strict)
+        bad = {str(issue.path) for issue in report["unreadable"]}
+        records = [r for r in records if str(next(iter(r.paths.values()))) not in bad]
+        self.predict_records = records
+        self.train_records, self.val_records = [], []
+        self.test_records = []
+        for site in self.site_names:
+            site_records = [r for r in records if r.site == site]
+            assignment = split_subjects(
+                [r.participant_id for r in site_records], self.split, self.split_seed
+            )
+            labeled = [r for r in site_records if r.has_label]
+            self.train_records += [r for r in labeled if assignment[r.participant_id] == "train"]
+            self.val_records += [r for r in labeled if assignment[r.participant_id] == "val"]
+            self.test_records.append([r for r in labeled if assignment[r.participant_id] == "test"])
+        unlabeled = sum(not r.has_label for r in records)
+        if unlabeled:
+            report.note(f"{unlabeled} scan(s) without {self.label} excluded from train/val/test, "
+                        "kept for predict")
+        self.report = report
+        (log.warning if not report.ok else log.info)("%s", report.summary())
+        if self.strict:
+            report.raise_if_issues()
+        make = lambda recs, aug=False: CachedVolumeDataset(recs, self.cache, self.config, aug)  # noqa: E731
+        self._datasets = {
+            "train": make(self.train_records, self.augment),
+            "val": make(self.val_records),
+            "test": [make(recs) for recs in self.test_records],
+            "predict": make(self.predict_records),
+        }
+
+    def _require(self, name: str):
+        if self._datasets is None:
+            self.setup()
+        return self._datasets[name]
+
+    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.split_seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            # A trailing training batch of one scan breaks BatchNorm (one value per channel); the shuffle
+            # changes which scans fall off each epoch, so none is left out for good.
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._require("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require("val"))
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(ds) for ds in self._require("test")]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._require("predict"))
+
+    def train_target_stats(self) -> tuple[float, int]:
+        """Sum and count of training labels (aggregates only, safe to share across sites)."""
+        if self._datasets is None:
+            self.setup()
+        values = [r.label for r in self.train_records if not math.isnan(r.label)]
+        return float(sum(values)), len(values)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Apply GPU augmentation to batches carrying "augment", then drop that key."""
+        if not isinstance(batch, dict) or "augment" not in batch:
+            return batch
+        batch = dict(batch)
+        mask = torch.as_tensor(batch.pop("augment"), dtype=torch.bool, device=batch["image"].device)
+        if self.augment and bool(mask.any()):
+            image = batch["image"]
+            augmented = self.augmenter(image)
+            batch["image"] = torch.where(mask.view(-1, 1, 1, 1, 1), augmented, image)
+        return batch

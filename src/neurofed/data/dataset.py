@@ -1,0 +1,55 @@
+"""Map-style dataset reading preprocessed volumes from the cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from neurofed.data.bids import ScanRecord
+from neurofed.data.cache import VolumeCache
+from neurofed.data.preprocessing import PreprocessConfig
+
+
+class CachedVolumeDataset(Dataset):
+    """Items in the batch format of CONTRACT.md; every record must already be cached.
+
+    Cache paths are resolved once here (hashing the files), so ``__getitem__``
+    is a memory-mapped read only.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ScanRecord],
+        cache: VolumeCache,
+        config: PreprocessConfig,
+        augment: bool = False,
+    ) -> None:
+        self.records = list(records)
+        self.augment = augment
+        self.files = [cache.path_for(cache.key(r.paths, config)) for r in self.records]
+        missing = [str(r.paths["T1w"]) for r, f in zip(self.records, self.files) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} scan(s) not in the cache (first: {missing[0]}); "
+                "run VolumeCache.ensure (or the datamodule's prepare_data) first."
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        array = np.load(self.files[index], mmap_mode="r")
+        item = {
+            "image": torch.from_numpy(np.array(array, dtype=np.float16)),
+            "target": torch.tensor(record.label, dtype=torch.float32),
+            "participant_id": record.participant_id,
+            "session": record.session,
+            "site": record.site,
+        }
+        if self.augment:
+            item["augment"] = torch.tensor(True)
+        return item

@@ -1,0 +1,205 @@
+"""Write one synthetic site as a BIDS dataset.
+
+Every random draw comes from a numpy Generator seeded by (seed, site, subject index), with the site turned
+into a number by SHA-256 rather than Python's salted ``hash``, so the same call writes byte-identical files
+in any process, and a subject looks the same whatever ``n_subjects`` is.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm.auto import tqdm
+
+from neurofed.data.synth import anatomy, intensity, lesions
+from neurofed.data.synth.demographics import Subject, draw_subject, scan_state
+from neurofed.data.synth.sites import COHORT_AGE_RANGE, COHORTS, SiteProfile, get_site
+from neurofed.data.synth.template import load_template
+
+log = logging.getLogger(__name__)
+
+GENERATOR_NAME = "neurofed synth"
+BIDS_VERSION = "1.9.0"
+
+PARTICIPANT_COLUMNS = {
+    "participant_id": {"Description": "Unique participant identifier"},
+    "age": {"Description": "Age at the first scan", "Units": "year"},
+    "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
+    "sdmt": {"Description": "Synthetic Symbol Digit Modalities Test score at the first scan",
+             "Units": "correct responses"},
+}
+MS_COLUMNS = {
+    "lesion_ml": {"Description": "T1-hypointense lesion volume at the first scan", "Units": "ml"},
+    "disease_duration": {"Description": "Time since MS onset at the first scan", "Units": "year"},
+}
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent 63-bit integer for ``text``."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def site_grid(profile: SiteProfile, resolution: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Matrix size and RAS affine of the site's field of view at ``resolution`` mm."""
+    shape = tuple(int(round(f / resolution)) for f in profile.fov_mm)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([resolution] * 3)
+    centre = anatomy.BRAIN_CENTER_MM + np.asarray(profile.center_shift_mm)
+    affine[:3, 3] = centre - resolution * (np.array(shape) - 1) / 2
+    return shape, affine
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Save gzip-compressed NIfTI with a zero gzip timestamp, so equal data give equal bytes."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+
+
+def synthesize_scan(subject: Subject, years: float, session_index: int, profile: SiteProfile,
+                    resolution: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image data (site dtype) and affine of ``subject`` ``years`` after the first scan."""
+    template = load_template(resolution)
+    state = scan_state(subject, years)
+    scale, elastic = anatomy.draw_shape(np.random.default_rng([subject.seed, 0]), subject.sex)
+    scan_rng = np.random.default_rng([subject.seed, 1, session_index])
+    angles, translation = anatomy.draw_pose(scan_rng)
+    geometry = anatomy.Geometry(scale, angles, translation, elastic)
+
+    spacing = np.diag(template.affine)[:3]
+    lesion_rng = np.random.default_rng([subject.seed, 2])
+    lesion_map = None
+    for kind, load in (("wmh", state.wmh_ml), ("ms", state.lesion_ml)):
+        # The layout is drawn at the first-scan load so that a follow-up shows the same lesions, grown.
+        base = scan_state(subject, 0.0)
+        base_load = base.wmh_ml if kind == "wmh" else base.lesion_ml
+        blobs = lesions.lesion_layout(lesion_rng, template, kind, base_load)
+        if blobs:
+            lesion_map = lesions.render_lesions(template.gm.shape, spacing, blobs, load, lesion_map)
+
+    gm, wm, csf = anatomy.aged_tissue(template, state.bio_age, state.deep_gm_loss, lesion_map)
+    shape, affine = site_grid(profile, resolution)
+    coords = anatomy.sampling_grid(template, shape, affine, geometry, state.bio_age)
+    gm, wm, csf = anatomy.warp((gm, wm, csf), coords)
+    image = intensity.render(gm, wm, csf, profile, scan_rng, resolution)
+    return intensity.to_dtype(image, profile.dtype), affine
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _write_tsv(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _clinical(state, cohort: str) -> dict[str, str]:
+    row = {"sdmt": _fmt(state.sdmt)}
+    if cohort == "ms":
+        row |= {"lesion_ml": f"{state.lesion_ml:.2f}", "disease_duration": _fmt(state.duration)}
+    return row
+
+
+def _prepare_dir(site_dir: Path) -> None:
+    """Refuse to overwrite foreign data; replace an earlier synthetic site completely (no stale subjects)."""
+    if site_dir.exists() and any(site_dir.iterdir()):
+        desc = site_dir / "dataset_description.json"
+        try:
+            generated = json.loads(desc.read_text()).get("GeneratedBy", [{}])[0].get("Name")
+        except (OSError, ValueError, IndexError, AttributeError):
+            generated = None
+        if generated != GENERATOR_NAME:
+            raise FileExistsError(
+                f"{site_dir} exists and was not written by {GENERATOR_NAME}; choose an empty --out folder")
+        shutil.rmtree(site_dir)
+    site_dir.mkdir(parents=True, exist_ok=True)
+
+
+def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: float = 2.0, seed: int = 0,
+                  cohort: str | None = None, session_fraction: float = 0.2,
+                  progress: bool = True) -> Path:
+    """Write the synthetic BIDS dataset ``out_dir/<site>`` and return its path.
+
+    ``cohort`` ("healthy" or "ms") defaults to the site's own population; naming the other one keeps the
+    site's scanner but draws the other population. ``session_fraction`` of the subjects get a second
+    session 1-3 years after the first (``ses-1``/``ses-2`` folders); the others have no session level.
+    """
+    profile = get_site(site)
+    cohort = cohort or profile.cohort
+    if cohort not in COHORTS:
+        raise ValueError(f"unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}")
+    if n_subjects < 1:
+        raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
+    if not 0.0 <= session_fraction <= 1.0:
+        raise ValueError(f"session_fraction must be within [0, 1], got {session_fraction}")
+    age_range = profile.age_range if cohort == profile.cohort else COHORT_AGE_RANGE[cohort]
+    site_dir = Path(out_dir) / profile.name
+    _prepare_dir(site_dir)
+    load_template(resolution)  # fail early, before any file is written
+
+    site_key = stable_hash(f"neurofed-synth:{profile.name}")
+    n_sessions = int(round(session_fraction * n_subjects))
+    if session_fraction > 0 and n_subjects >= 2:
+        n_sessions = max(n_sessions, 1)
+    longitudinal = set(np.random.default_rng([seed, site_key]).permutation(n_subjects)[:n_sessions].tolist())
+
+    participants = []
+    start = time.perf_counter()
+    for i in tqdm(range(n_subjects), desc=f"synth {profile.name}", unit="subject", disable=not progress):
+        rng = np.random.default_rng([seed, site_key, i])
+        pid = f"sub-{i + 1:04d}"
+        subject = draw_subject(rng, pid, cohort, age_range)
+        followup = float(rng.uniform(1.0, 3.0))
+        first = scan_state(subject, 0.0)
+        participants.append({"participant_id": pid, "age": _fmt(subject.age), "sex": subject.sex}
+                            | _clinical(first, cohort))
+        if i in longitudinal:
+            rows = []
+            for k, years in enumerate((0.0, followup), start=1):
+                data, affine = synthesize_scan(subject, years, k, profile, resolution)
+                ses = f"ses-{k}"
+                write_nifti(site_dir / pid / ses / "anat" / f"{pid}_{ses}_T1w.nii.gz", data, affine)
+                state = scan_state(subject, years)
+                rows.append({"session_id": ses, "age": _fmt(state.age)} | _clinical(state, cohort))
+            _write_tsv(site_dir / pid / f"{pid}_sessions.tsv", rows)
+        else:
+            data, affine = synthesize_scan(subject, 0.0, 0, profile, resolution)
+            write_nifti(site_dir / pid / "anat" / f"{pid}_T1w.nii.gz", data, affine)
+    elapsed = time.perf_counter() - start
+    log.info("%s: %d subjects in %.1f s (%.2f s/subject)", profile.name, n_subjects, elapsed,
+             elapsed / n_subjects)
+
+    _write_tsv(site_dir / "participants.tsv", participants)
+    columns = dict(PARTICIPANT_COLUMNS) | (MS_COLUMNS if cohort == "ms" else {})
+    (site_dir / "participants.json").write_text(json.dumps(columns, indent=2) + "\n")
+    description = {
+        "Name": profile.name,
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "License": "CC0",
+        "GeneratedBy": [{
+            "Name": GENERATOR_NAME,
+            "Description": (f"synthetic {cohort} cohort, seed {seed}, {resolution:g} mm, "
+                            f"{n_subjects} subjects, MNI ICBM152 2009 template anatomy"),
+        }],
+    }
+    (site_dir / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
+    (site_dir / "README").write_text(
+        f"Synthetic {cohort} brain MRI site '{profile.name}' written by {GENERATOR_NAME}. "
+        "Anatomy derives from the MNI ICBM152 2009 template; ages, scores and lesions are simulated.\n")
+    return site_dir

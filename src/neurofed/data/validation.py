@@ -1,0 +1,109 @@
+"""Data problems found while indexing or caching a cohort.
+
+Real cohorts always contain a few broken or unlabeled scans. Stopping on the
+first one wastes a site's afternoon, silently dropping them hides data loss.
+So soft problems are collected as :class:`DataIssue` records in a
+:class:`ValidationReport` (counted, logged, optionally fatal with ``strict``),
+while problems that make the whole dataset unusable raise
+:class:`NeurofedDataError` right away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ISSUE_KINDS: tuple[str, ...] = (
+    "missing_image",
+    "missing_label",
+    "unreadable",
+    "duplicate_id",
+    "not_in_participants",
+)
+
+
+class NeurofedDataError(ValueError):
+    """A data problem with a message that names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One problem with one file or participant, and what to do about it."""
+
+    kind: str
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"[{self.kind}] {self.path}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+@dataclass
+class ValidationReport:
+    """Issues grouped by kind (``report.issues[kind]`` is a list) plus informational notes."""
+
+    issues: dict[str, list[DataIssue]] = field(
+        default_factory=lambda: {kind: [] for kind in ISSUE_KINDS}
+    )
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, path: str | Path, message: str, hint: str = "") -> DataIssue:
+        if kind not in self.issues:
+            raise ValueError(f"unknown issue kind {kind!r}; expected one of {ISSUE_KINDS}")
+        issue = DataIssue(kind, str(path), message, hint)
+        self.issues[kind].append(issue)
+        return issue
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def __getitem__(self, kind: str) -> list[DataIssue]:
+        return self.issues[kind]
+
+    def __iter__(self):
+        for kind in ISSUE_KINDS:
+            yield from self.issues[kind]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.issues.values())
+
+    def merge(self, other: "ValidationReport") -> "ValidationReport":
+        """Add another report's issues and notes to this one (in place) and return self."""
+        for kind, items in other.issues.items():
+            self.issues.setdefault(kind, []).extend(items)
+        self.notes.extend(other.notes)
+        return self
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {kind: len(items) for kind, items in self.issues.items()}
+
+    @property
+    def ok(self) -> bool:
+        return len(self) == 0
+
+    def summary(self, max_per_kind: int = 5) -> str:
+        """Readable text: a count per kind, the first few issues of each, then notes."""
+        if self.ok:
+            lines = ["data validation: no issues"]
+        else:
+            counts = ", ".join(f"{k}={n}" for k, n in self.counts.items() if n)
+            lines = [f"data validation: {len(self)} issue(s): {counts}"]
+            for kind in ISSUE_KINDS:
+                items = self.issues[kind]
+                for issue in items[:max_per_kind]:
+                    lines.append(f"  {issue}")
+                if len(items) > max_per_kind:
+                    lines.append(f"  ... and {len(items) - max_per_kind} more {kind}")
+        lines.extend(f"  note: {text}" for text in self.notes)
+        return "\n".join(lines)
+
+    def raise_if_issues(self) -> None:
+        """Raise :class:`NeurofedDataError` listing every issue (used by ``strict=True``)."""
+        if not self.ok:
+            raise NeurofedDataError(
+                self.summary(max_per_kind=50)
+                + "\nstrict mode: fix or remove these files, or pass strict=False to skip them."
+            )
