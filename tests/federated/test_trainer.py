@@ -188,3 +188,15 @@ def test_unreachable_federation_fails_within_the_timeout(tmp_path, site_rank):
     with pytest.raises(FederationTimeoutError, match="timeout_s=2"):
         trainer.fit(ToyRegressor(), site_data(0))
     assert time.monotonic() - start < 30
+
+
+def test_site_sampling_is_the_same_everywhere_and_changes_per_round():
+    def draws(site_rank):
+        trainer = FederatedTrainer(sites_per_round=2, logger=False,
+                                   federation=Federation(site_rank=site_rank, num_sites=5))
+        return [trainer._sampled_sites(r) for r in range(6)]
+
+    a, b = draws(0), draws(4)
+    assert a == b  # no message needed: every site draws the same sites from (seed, round)
+    assert all(len(s) == 2 and s <= set(range(5)) for s in a)
+    assert len({frozenset(s) for s in a}) > 1

@@ -5,7 +5,7 @@ shared federation address (loopback here). Each also gets its own ``MASTER_PORT`
 the site, so several multi-GPU sites do not collide. Output lines are prefixed with ``[site k]``; if one
 site fails the others are terminated (they would otherwise wait for it until their timeout).
 
-    neurofed simulate --roots data/synth/site0 data/synth/site1 -- fit --config configs/brain_age.yaml
+    neurofed simulate --roots data/synth/ixi,data/synth/sald fit --config configs/federated_demo.yaml
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def simulate(
 
     code = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while None in [p.poll() for p in procs]:  # a list: poll every process, not just the first running one
             failed = [(k, p.returncode) for k, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed:
                 k, code = failed[0]
@@ -132,7 +132,10 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``neurofed simulate``; everything else is passed to every site's command."""
-    parser.add_argument("--roots", nargs="+", required=True, help="one data root per site")
+    parser.add_argument(
+        "--roots", action="append", required=True,
+        help="data roots, one per site, comma-separated (data/a,data/b) or given as repeated --roots",
+    )
     parser.add_argument("--port", type=int, default=None, help="federation port (default: a free one)")
     parser.add_argument("--address", default="127.0.0.1", help="federation address (default: loopback)")
 
@@ -144,4 +147,5 @@ def run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise SystemExit("neurofed simulate: give the command every site runs, e.g. `-- fit --config c.yaml`")
-    return simulate(command, args.roots, port=args.port, address=args.address)
+    roots = [root for value in args.roots for root in value.split(",") if root]
+    return simulate(command, roots, port=args.port, address=args.address)

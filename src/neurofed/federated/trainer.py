@@ -190,9 +190,10 @@ class FederatedTrainer:
         fabric = self._launch()
         if datamodule is not None:
             self._prepare(datamodule, "fit")
-            train_dataloaders = train_dataloaders or datamodule.train_dataloader()
-            if val_dataloaders is None and hasattr(datamodule, "val_dataloader"):
-                val_dataloaders = datamodule.val_dataloader()
+            if train_dataloaders is None:
+                train_dataloaders = _loader(datamodule, "train_dataloader")
+            if val_dataloaders is None:
+                val_dataloaders = _loader(datamodule, "val_dataloader")
         if train_dataloaders is None:
             raise ValueError("FederatedTrainer.fit: pass a datamodule or train_dataloaders")
         self.site_name = self._site_name(datamodule)
@@ -259,7 +260,8 @@ class FederatedTrainer:
         fabric = self._launch()
         if datamodule is not None:
             self._prepare(datamodule, "predict")
-            dataloaders = dataloaders or datamodule.predict_dataloader()
+            if dataloaders is None:
+                dataloaders = _loader(datamodule, "predict_dataloader")
         if dataloaders is None:
             raise ValueError("FederatedTrainer.predict: pass a datamodule or dataloaders")
         module, _ = self._setup_model(model, with_optimizer=False)
@@ -515,7 +517,7 @@ class FederatedTrainer:
         if datamodule is not None:
             self._prepare(datamodule, stage)
             if dataloaders is None:
-                dataloaders = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
+                dataloaders = _loader(datamodule, "test_dataloader" if stage == "test" else "val_dataloader")
         if dataloaders is None:
             raise ValueError(f"FederatedTrainer.{stage}: pass a datamodule or dataloaders")
         self.site_name = self._site_name(datamodule)
@@ -734,6 +736,18 @@ def _single_optimizer(configured: Any) -> torch.optim.Optimizer:
     return configured
 
 
+def _loader(datamodule: Any, name: str) -> Any:
+    """``datamodule.<name>()``, or ``None`` when a LightningDataModule leaves it unimplemented."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not hasattr(datamodule, name):
+        return None
+    if isinstance(datamodule, pl.LightningDataModule) and not is_overridden(name, datamodule, pl.LightningDataModule):
+        return None
+    return getattr(datamodule, name)()
+
+
 def _after_transfer(datamodule: Any, batch: Any, dataloader_idx: int) -> Any:
     """The datamodule's device-side hook (GPU augmentation), as Lightning's Trainer would call it."""
     hook = getattr(datamodule, "on_after_batch_transfer", None)
@@ -761,6 +775,6 @@ def _learning_rates(optimizer: Any) -> list[float]:
 
 
 def _row(stats: RegressionStats, loss: Tensor) -> dict[str, float]:
-    row = stats.compute() if stats.n > 0 else {"n": 0.0}
+    row = stats.compute()
     row["loss"] = float(loss[0] / loss[1]) if float(loss[1]) > 0 else math.nan
     return row

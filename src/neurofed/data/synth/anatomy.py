@@ -89,25 +89,31 @@ def sampling_grid(template: Template, out_shape: tuple[int, int, int], out_affin
     ijk = [np.arange(n, dtype=np.float32) for n in out_shape]
     elastic = upsample_linear(geometry.elastic, out_shape)
     shapes = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
-    p = np.empty((3, *out_shape), dtype=np.float32)
+    p = elastic  # [3, *out_shape], updated in place
+    lin = inv.astype(np.float64) @ out_affine[:3, :3]
     for c in range(3):
-        total = np.zeros(out_shape, dtype=np.float32)
-        const = BRAIN_CENTER_MM[c]
-        for b in range(3):
-            const += inv[c, b] * (out_affine[b, 3] - shift[b])
-        for a in range(3):  # the affine part is separable per output axis
-            coef = sum(inv[c, b] * out_affine[b, a] for b in range(3))
-            total = total + (coef * ijk[a]).reshape(shapes[a])
-        p[c] = total + const + elastic[c]
+        const = BRAIN_CENTER_MM[c] + float(inv[c] @ (out_affine[:3, 3] - shift))
+        # the affine part is separable per output axis: three broadcast adds
+        p[c] += (np.float32(lin[c, 0]) * ijk[0] + np.float32(const)).reshape(shapes[0])
+        p[c] += (np.float32(lin[c, 1]) * ijk[1]).reshape(shapes[1])
+        p[c] += (np.float32(lin[c, 2]) * ijk[2]).reshape(shapes[2])
     a = ventricle_bulge(bio_age)
     if a != 0.0:
-        d = p - template.ventricle_center[:, None, None, None]
-        r2 = sum((d[c] / template.ventricle_sigma[c]) ** 2 for c in range(3))
-        factor = 1.0 - a * np.exp(-0.5 * r2)
-        p = template.ventricle_center[:, None, None, None] + d * factor
-    origin = template.affine[:3, 3].astype(np.float32)
-    spacing = np.diag(template.affine)[:3].astype(np.float32)
-    return (p - origin[:, None, None, None]) / spacing[:, None, None, None]
+        centre = template.ventricle_center[:, None, None, None]
+        p -= centre
+        r2 = np.zeros(out_shape, dtype=np.float32)
+        for c in range(3):
+            r2 += np.square(p[c] * np.float32(1.0 / template.ventricle_sigma[c]))
+        r2 *= np.float32(-0.5)
+        factor = np.exp(r2, out=r2)
+        factor *= np.float32(-a)
+        factor += np.float32(1.0)
+        p *= factor
+        p += centre
+    for c in range(3):
+        p[c] -= np.float32(template.affine[c, 3])
+        p[c] *= np.float32(1.0 / template.affine[c, c])
+    return p
 
 
 def aged_tissue(template: Template, bio_age: float, deep_gm_loss: float,
@@ -132,6 +138,25 @@ def aged_tissue(template: Template, bio_age: float, deep_gm_loss: float,
 
 
 def warp(maps: tuple[np.ndarray, ...], coords: np.ndarray) -> list[np.ndarray]:
-    """Sample every map at ``coords`` with linear interpolation; outside the template is empty."""
-    return [ndimage.map_coordinates(m, coords, order=1, mode="constant", cval=0.0, prefilter=False)
-            for m in maps]
+    """Sample every map at ``coords`` with linear interpolation; outside the template is empty.
+
+    Only the bounding box of output voxels that land inside the (brain-cropped) template is
+    interpolated, which skips the empty part of the field of view.
+    """
+    inside = np.ones(coords.shape[1:], dtype=bool)
+    for c, n in enumerate(maps[0].shape):
+        inside &= (coords[c] > -1.0) & (coords[c] < n)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(hit) == 0:
+            return [np.zeros(coords.shape[1:], dtype=np.float32) for _ in maps]
+        box.append(slice(hit[0], hit[-1] + 1))
+    box = tuple(box)
+    points = coords[(slice(None), *box)]
+    out = []
+    for m in maps:
+        full = np.zeros(coords.shape[1:], dtype=np.float32)
+        full[box] = ndimage.map_coordinates(m, points, order=1, mode="constant", cval=0.0, prefilter=False)
+        out.append(full)
+    return out

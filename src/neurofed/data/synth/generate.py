@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from neurofed.data.synth import anatomy, intensity, lesions
-from neurofed.data.synth.demographics import Subject, draw_subject, scan_state
+from neurofed.data.synth.demographics import ScanState, Subject, draw_subject, scan_state
 from neurofed.data.synth.sites import COHORT_AGE_RANGE, COHORTS, SiteProfile, get_site
 from neurofed.data.synth.template import load_template
 
@@ -108,7 +108,7 @@ def _write_tsv(path: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def _clinical(state, cohort: str) -> dict[str, str]:
+def _clinical(state: ScanState, cohort: str) -> dict[str, str]:
     row = {"sdmt": _fmt(state.sdmt)}
     if cohort == "ms":
         row |= {"lesion_ml": f"{state.lesion_ml:.2f}", "disease_duration": _fmt(state.duration)}

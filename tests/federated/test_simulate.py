@@ -1,0 +1,113 @@
+"""The site launcher: one process per root, the right per-site arguments, prefixed output, fail-fast."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from neurofed.federated import simulate as sim
+
+ECHO = textwrap.dedent(
+    """
+    import os, sys, time
+    args = sys.argv[1:]
+    value = lambda flag: args[args.index(flag) + 1]
+    rank = int(value("--trainer.federation.site_rank"))
+    print("argv", " ".join(args))
+    print("master_port", os.environ["MASTER_PORT"], "local_rank" in {k.lower() for k in os.environ})
+    if "--fail" in args and rank == 1:
+        sys.exit(3)
+    if "--fail" in args:
+        time.sleep(60)
+    """
+)
+
+TOY_SITE = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import lightning as L, torch
+    from conftest import ToyRegressor, site_data
+    from neurofed.federated import Federation, FederatedTrainer
+    args = sys.argv[1:]
+    value = lambda flag: args[args.index(flag) + 1]
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    rank = int(value("--trainer.federation.site_rank"))
+    fed = Federation(address=value("--trainer.federation.address"), port=int(value("--trainer.federation.port")),
+                     site_rank=rank, num_sites=int(value("--trainer.federation.num_sites")), timeout_s=60)
+    trainer = FederatedTrainer(rounds=2, accelerator="cpu", federation=fed, enable_progress_bar=False,
+                               default_root_dir=value("--data.root"), logger=False)
+    model = ToyRegressor()
+    trainer.fit(model, site_data(rank))
+    print("final val loss", trainer.history[-1]["val/loss"])
+    """
+)
+
+
+def _script(tmp_path: Path, name: str, text: str) -> list[str]:
+    path = tmp_path / name
+    path.write_text(text)
+    return [sys.executable, str(path)]
+
+
+def test_each_site_gets_its_root_rank_and_own_master_port(tmp_path):
+    out = io.StringIO()
+    roots = [str(tmp_path / f"root{k}") for k in range(3)]
+    code = sim.simulate(["fit", "--config", "c.yaml"], roots, port=29999, entry=_script(tmp_path, "echo.py", ECHO),
+                        out=out)
+    assert code == 0
+    lines = out.getvalue().splitlines()
+    for k, root in enumerate(roots):
+        argv = next(line for line in lines if line.startswith(f"[site {k}] argv"))
+        assert argv.endswith(
+            f"fit --config c.yaml --data.root {root} --trainer.federation.site_rank {k} "
+            f"--trainer.federation.num_sites 3 --trainer.federation.port 29999 --trainer.federation.address 127.0.0.1"
+        )
+        assert next(line for line in lines if line.startswith(f"[site {k}] master_port")).endswith("False")
+    ports = {line.split()[3] for line in lines if "master_port" in line}
+    assert len(ports) == 3  # every site has its own intra-site DDP port
+
+
+def test_a_failing_site_stops_the_others(tmp_path):
+    out = io.StringIO()
+    start = time.monotonic()
+    code = sim.simulate(["fit", "--fail"], ["a", "b", "c"], entry=_script(tmp_path, "echo.py", ECHO), out=out)
+    assert code == 3
+    assert time.monotonic() - start < 30  # the others were terminated, not waited for (they sleep 60 s)
+    assert "site 1 exited with code 3" in out.getvalue()
+
+
+def test_cli_arguments_pass_the_rest_through(tmp_path):
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    seen = {}
+    original = sim.simulate
+    sim.simulate = lambda command, roots, port, address: seen.update(command=command, roots=roots, port=port) or 0
+    try:
+        for argv in (
+            ["--roots", "r0,r1", "fit", "--config", "x.yaml", "--port", "1234"],
+            ["--roots", "r0", "--roots", "r1", "--port", "1234", "--", "fit", "--config", "x.yaml"],
+        ):
+            args, rest = parser.parse_known_args(argv)
+            args.passthrough = rest
+            assert sim.run(args) == 0
+            assert seen == {"command": ["fit", "--config", "x.yaml"], "roots": ["r0", "r1"], "port": 1234}, argv
+    finally:
+        sim.simulate = original
+
+
+def test_simulated_federation_trains_end_to_end(tmp_path):
+    tests = str(Path(__file__).parent)
+    out = io.StringIO()
+    roots = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    code = sim.simulate(["fit"], roots, entry=_script(tmp_path, "site.py", TOY_SITE.format(tests=tests)), out=out)
+    assert code == 0, out.getvalue()[-3000:]
+    losses = [line.split()[-1] for line in out.getvalue().splitlines() if "final val loss" in line]
+    assert len(losses) == 2 and losses[0] == losses[1]  # pooled validation loss: identical at both sites
+    for root in roots:
+        assert (Path(root) / "run" / "round-last.pt").is_file()

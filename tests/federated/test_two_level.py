@@ -1,0 +1,74 @@
+"""Two-level topology: 2 sites x 2 processes (CPU DDP inside each site, a federation group between leaders)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from conftest import ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
+
+from neurofed.federated import Federation, FederatedTrainer
+
+
+class SnapshotTrainer(FederatedTrainer):
+    def _local_training(self, r, model, *args, **kw):
+        loss = super()._local_training(r, model, *args, **kw)
+        self.local_state = state_of(model)
+        return loss
+
+
+def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, root: str) -> None:
+    # What a launcher (torchrun, SLURM, or `neurofed simulate` + Fabric) sets for each process of a site;
+    # with LOCAL_RANK present Fabric joins this group instead of launching processes itself.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(site_port), WORLD_SIZE="2",
+                      LOCAL_RANK=str(local_rank), RANK=str(local_rank), NODE_RANK="0")
+    quiet_process()
+    L.seed_everything(site)
+    model = ToyRegressor()
+    data = site_data(site, n_test=7)  # odd: each test example must be counted once across the 2 ranks
+    trainer = SnapshotTrainer(
+        rounds=1, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
+        federation=Federation(port=fed_port, site_rank=site, num_sites=2, timeout_s=60),
+    )
+    trainer.fit(model, data)
+    results = trainer.test(model, data)
+    torch.save(
+        {"local": trainer.local_state, "final": state_of(model), "n_train": data.n_train, "test": results,
+         "world_size": trainer.fabric.world_size, "leader": trainer.is_site_leader,
+         "has_group": trainer.group is not None},
+        Path(root) / f"result-{site}-{local_rank}.pt",
+    )
+    trainer.close()
+
+
+def test_two_sites_of_two_ranks_end_identical_and_equal_to_the_site_mean(tmp_path):
+    ports = [free_port(), free_port(), free_port()]
+    run_processes(_rank_process, [(s, r, ports[s], ports[2], str(tmp_path)) for s in (0, 1) for r in (0, 1)],
+                  timeout=180)
+    res = {(s, r): torch.load(tmp_path / f"result-{s}-{r}.pt", weights_only=False) for s in (0, 1) for r in (0, 1)}
+    assert all(x["world_size"] == 2 for x in res.values())
+    # only the site leaders joined the federation
+    assert [res[s, r]["has_group"] for s in (0, 1) for r in (0, 1)] == [True, False, True, False]
+
+    ref = res[0, 0]["final"]
+    float_keys = [k for k, v in ref.items() if v.is_floating_point()]
+    for key in res:
+        for k in float_keys:
+            assert torch.equal(res[key]["final"][k], ref[k]), (key, k)
+
+    # DDP kept each site's trainable weights in sync during local training
+    for s in (0, 1):
+        assert torch.equal(res[s, 0]["local"]["conv.weight"], res[s, 1]["local"]["conv.weight"])
+    w = [float(res[s, 0]["n_train"]) for s in (0, 1)]
+    assert w[0] != w[1]
+    for k in float_keys:
+        expected = (w[0] * res[0, 0]["local"][k].double() + w[1] * res[1, 0]["local"][k].double()) / sum(w)
+        torch.testing.assert_close(ref[k].double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(res[0, 0]["local"]["conv.weight"], res[1, 0]["local"]["conv.weight"])
+
+    # test statistics: summed over a site's ranks without padding, pooled across sites, same everywhere
+    table = res[0, 0]["test"]
+    assert table["pooled"]["n"] == 14 and table["toy0"]["n"] == 7 and table["site1"]["n"] == 7
+    assert all(res[key]["test"]["pooled"] == table["pooled"] for key in res)
