@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ToyRegressor, assert_identical, site_data, state_of
+from federated_toys import ToyRegressor, assert_identical, site_data, state_of
 
 from neurofed.federated import FedAdam, FederatedTrainer, FedProx
 from neurofed.federated.checkpoint_io import CheckpointError, load

@@ -31,7 +31,7 @@ TOY_SITE = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     import lightning as L, torch
-    from conftest import ToyRegressor, site_data
+    from federated_toys import ToyRegressor, site_data
     from neurofed.federated import Federation, FederatedTrainer
     args = sys.argv[1:]
     value = lambda flag: args[args.index(flag) + 1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import (
+from federated_toys import (
     ToyRegressor,
     assert_identical,
     free_port,

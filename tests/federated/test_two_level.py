@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from conftest import ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
+from federated_toys import ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
 
 from neurofed.federated import Federation, FederatedTrainer
 

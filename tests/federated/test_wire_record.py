@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ToyRegressor, site_data
+from federated_toys import ToyRegressor, site_data
 
 from neurofed.federated import FedAvg, FedBN, FederatedTrainer
 from neurofed.federated.group import LocalGroup, RecordingGroup

@@ -20,7 +20,7 @@ TINY = [4, 4, 4, 4, 4, 4]
 
 
 def make_batch(size: int = 4, seed: int = 0, shape: int = 32) -> dict[str, Any]:
-    """A batch in the CONTRACT.md format (fp16 images)."""
+    """A batch in the batch format of docs/architecture.md (fp16 images)."""
     g = torch.Generator().manual_seed(seed)
     return {
         "image": torch.randn(size, 1, shape, shape, shape, generator=g).half(),

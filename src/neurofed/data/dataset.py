@@ -14,7 +14,7 @@ from neurofed.data.preprocessing import PreprocessConfig
 
 
 class CachedVolumeDataset(Dataset):
-    """Items in the batch format of CONTRACT.md; every record must already be cached.
+    """Items in the batch format of docs/architecture.md; every record must already be cached.
 
     Cache paths are resolved once here (hashing the files), so ``__getitem__``
     is a memory-mapped read only.

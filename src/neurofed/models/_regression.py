@@ -1,6 +1,6 @@
 """Shared LightningModule machinery for models that predict one number per scan (brain age, SDMT).
 
-Why one base class: both tasks need identical step contracts (see CONTRACT.md), identical epoch metrics
+Why one base class: both tasks need identical step contracts (see docs/architecture.md), identical epoch metrics
 built from poolable sufficient statistics, and identical behaviour under Lightning's ``Trainer`` and under
 the Fabric-based federated trainer. Subclasses supply only the head and the loss.
 """
