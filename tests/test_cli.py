@@ -6,8 +6,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
-
 from neurofed.cli import main
 from neurofed.models import BrainAgeModule
 
@@ -97,6 +95,5 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict"):
-        assert command in out
-    assert torch.__version__  # the CLI import pulled torch without side effects
+    for command in ("fit", "validate", "test", "predict", "neurofed synth", "neurofed simulate"):
+        assert command in out.replace("\n", " ")

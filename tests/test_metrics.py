@@ -119,3 +119,11 @@ def test_format_table() -> None:
     assert site_a[0] == "siteA" and site_a[1] == "40"
     assert site_a[2] == f"{rows['siteA']['mae']:.2f}" and site_a[4] == f"{rows['siteA']['r']:.3f}"
     assert "nan" in lines[3]
+
+
+def test_format_table_shows_the_mean_prediction_baseline_when_present() -> None:
+    rows = {"siteA": {**RegressionStats.from_predictions(*_data(0, 40)).compute(), "baseline_mae": 7.5}}
+    header, _, body = format_table(rows).splitlines()
+    assert header.split(" | ")[-1].strip() == "mean-pred MAE"
+    assert body.split(" | ")[-1].strip() == "7.50"
+    assert "mean-pred" not in format_table({"siteA": RegressionStats().compute()})

@@ -153,7 +153,11 @@ def cli_main(args: Sequence[str] | None = None) -> NeurofedCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=list(args) if args is not None else None,
-        parser_kwargs={"description": "Federated brain-age and SDMT models on brain MRI."},
+        parser_kwargs={
+            "description": "Federated brain-age and SDMT models on brain MRI. More commands: "
+            + "; ".join(f"`neurofed {name}` to {text}" for name, (_, text) in EXTRA_COMMANDS.items())
+            + "."
+        },
     )
 
 

@@ -188,8 +188,13 @@ def _fmt(value: Any, decimals: int) -> str:
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """A fixed-width table of ``compute()`` results, one row per site (or "pooled")."""
-    header = ["site", "n", "MAE", "RMSE", "r", "R²", "gap mean±SD"]
+    """A fixed-width table of ``compute()`` results, one row per site (or "pooled").
+
+    Rows that carry ``baseline_mae`` (the MAE of predicting the training mean for every scan) get a
+    ``mean-pred MAE`` column, so a model's MAE can be read against what a constant prediction achieves.
+    """
+    baseline = any("baseline_mae" in m for m in rows.values())
+    header = ["site", "n", "MAE", "RMSE", "r", "R²", "gap mean±SD"] + (["mean-pred MAE"] if baseline else [])
     body = []
     for site, m in rows.items():
         body.append([
@@ -200,7 +205,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
             _fmt(m.get("r"), 3),
             _fmt(m.get("r2"), 3),
             f"{_fmt(m.get('gap_mean'), 2)} ± {_fmt(m.get('gap_sd'), 2)}",
-        ])
+        ] + ([_fmt(m.get("baseline_mae"), 2)] if baseline else []))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -9,6 +9,7 @@ from federated_toys import ToyRegressor, assert_identical, site_data, state_of
 
 from neurofed.federated import FedAdam, FederatedTrainer, FedProx
 from neurofed.federated.checkpoint_io import CheckpointError, load
+from neurofed.federated.results import read_json
 
 
 def _fit(tmp_path, run_name: str, rounds: int, strategy_cls, ckpt_path: str | None = None):
@@ -50,6 +51,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, strategy_cls)
     local = load(tmp_path / "split" / "site-0" / "local-last.pt")
     assert {"model", "optimizer", "rng", "global_step", "round"} <= set(local)
     assert {"torch", "numpy", "python"} <= set(local["rng"])
+
+    # history.json keeps the rounds run before the interruption, then the resumed ones
+    history = read_json(tmp_path / "split" / "history.json")
+    assert [h["round"] for h in history] == [0.0, 1.0, 2.0, 3.0]
+    assert [h["val/loss"] for h in history] == [h["val/loss"] for h in full_trainer.history]
 
 
 def test_resume_refuses_mismatched_files(tmp_path):

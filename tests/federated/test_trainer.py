@@ -80,9 +80,10 @@ def test_fedavg_sites_end_with_the_weighted_mean_of_their_local_models(tmp_path)
     assert not torch.equal(sites[0]["local"][conv], sites[1]["local"][conv])
     # the test table: one row per site and a pooled row whose n is the sum, identical at every site
     table = sites[0]["test"]
-    assert set(table) == {"toy0", "site1", "site2", "pooled"}
-    assert table["pooled"]["n"] == sum(table[s]["n"] for s in ("toy0", "site1", "site2"))
-    assert sites[2]["test"]["pooled"] == table["pooled"]
+    # every site names every other site's row after its dataset, and all sites print the same table
+    assert set(table) == {"toy0", "toy1", "toy2", "pooled"}
+    assert table["pooled"]["n"] == sum(table[s]["n"] for s in ("toy0", "toy1", "toy2"))
+    assert sites[2]["test"] == table
 
 
 def test_fedbn_keeps_batch_norm_local_and_shares_the_rest(tmp_path):

@@ -70,5 +70,5 @@ def test_two_sites_of_two_ranks_end_identical_and_equal_to_the_site_mean(tmp_pat
 
     # test statistics: summed over a site's ranks without padding, pooled across sites, same everywhere
     table = res[0, 0]["test"]
-    assert table["pooled"]["n"] == 14 and table["toy0"]["n"] == 7 and table["site1"]["n"] == 7
+    assert table["pooled"]["n"] == 14 and table["toy0"]["n"] == 7 and table["toy1"]["n"] == 7
     assert all(res[key]["test"]["pooled"] == table["pooled"] for key in res)

@@ -9,7 +9,7 @@ from federated_toys import ToyRegressor, site_data
 
 from neurofed.federated import FedAvg, FedBN, FederatedTrainer
 from neurofed.federated.group import LocalGroup, RecordingGroup
-from neurofed.federated.wire import ALLOWED_KINDS, MAX_SMALL_ELEMENTS
+from neurofed.federated.wire import ALLOWED_KINDS, MAX_SMALL_ELEMENTS, SITE_NAME_BYTES
 
 
 @pytest.mark.parametrize("strategy", [FedAvg(), FedBN()], ids=["fedavg", "fedbn"])
@@ -37,12 +37,16 @@ def test_fit_and_test_send_only_parameters_and_small_statistics(tmp_path, strate
     # one broadcast of the starting weights, then one aggregation per round; nothing else is that large
     assert parameters == [(torch.float32, (n_params,))] * (rounds + 1)
     for kind, dtype, shape in sent:
-        if kind != "parameters":
+        if kind == "site_name":
+            assert (dtype, shape) == (torch.uint8, (SITE_NAME_BYTES,))
+        elif kind != "parameters":
             assert torch.Size(shape).numel() <= MAX_SMALL_ELEMENTS, (kind, shape)
-    # exactly this traffic, in this order: label stats; per round weight, parameters, val loss/count/stats;
-    # at test time the number of splits, then each split's loss and statistics
-    per_round = ["example_count", "parameters", "loss_sum", "example_count", "metric_stats"]
-    expected = ["label_stats", "parameters"] + per_round * rounds + ["control"] + ["loss_sum", "metric_stats"] * 2
+    # exactly this traffic, in this order: label stats; per round weight, parameters, val loss/count/stats and
+    # the statistics of predicting the training mean; at test time the site's name, the number of splits,
+    # then each split's loss, statistics and mean-prediction statistics
+    per_round = ["example_count", "parameters", "loss_sum", "example_count", "metric_stats", "metric_stats"]
+    per_split = ["loss_sum", "metric_stats", "metric_stats"]
+    expected = ["label_stats", "parameters"] + per_round * rounds + ["site_name", "control"] + per_split * 2
     assert [kind for kind, _, _ in sent] == expected
-    # every payload that crossed is a plain number vector: no strings, no per-subject arrays
+    # every payload that crossed is a flat vector: numbers, or the 32 bytes of a dataset name
     assert all(len(shape) == 1 for _, _, shape in sent)

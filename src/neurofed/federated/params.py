@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["flatten", "unflatten", "float_keys"]
+__all__ = ["flatten", "unflatten", "float_keys", "load_vector"]
 
 
 def float_keys(state_dict: dict[str, Tensor]) -> list[str]:
@@ -50,3 +50,11 @@ def unflatten(vec: Tensor, like: dict[str, Tensor], keys: list[str]) -> dict[str
         out[k] = vec[offset : offset + n].reshape(ref.shape).to(device=ref.device, dtype=ref.dtype)
         offset += n
     return out
+
+
+def load_vector(model: torch.nn.Module, vec: Tensor, keys: list[str]) -> None:
+    """Copy a flat vector into ``model``'s entries ``keys``, in place (the rest of the model is untouched)."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        for k, v in unflatten(vec, sd, keys).items():
+            sd[k].copy_(v)

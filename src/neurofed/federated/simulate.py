@@ -92,6 +92,9 @@ def simulate(
             argv += list(extra_per_site[k])
         env = {key: value for key, value in os.environ.items() if key not in _RANK_VARIABLES}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+        # The sites share this machine's cores: without a cap each would start one thread per core and they
+        # would spend their time preempting each other. A value the user set is kept.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(roots))))
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
         procs.append(p)
         t = threading.Thread(target=_relay, args=(k, p.stdout, out, lock), daemon=True)

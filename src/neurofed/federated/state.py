@@ -39,7 +39,9 @@ __all__ = [
     "load_round",
     "lightning_checkpoint",
     "resolve_weights_path",
+    "restore_round",
     "restore_rng",
+    "save_best",
     "save_round",
     "site_dir",
     "weights_from_checkpoint",
@@ -61,6 +63,30 @@ class RoundState:
     rounds_on_plateau: int = 0  # LR reduction
     lr_scale: float = 1.0  # product of the plateau reductions applied so far
     stopped: bool = False
+
+    def record(
+        self, r: int, val_loss: float, has_val: bool, patience: int | None, plateau_patience: int | None
+    ) -> tuple[bool, bool]:
+        """Account for round ``r``'s pooled validation loss; returns (new best model, reduce the LR now).
+
+        A round without validation examples counts as an improvement, so that training without a
+        validation split keeps the last model and never stops early.
+        """
+        self.round = r + 1
+        improved = not has_val or val_loss < self.best_val_loss
+        if improved:
+            if has_val:
+                self.best_val_loss, self.best_round = val_loss, r
+            self.rounds_without_improvement = self.rounds_on_plateau = 0
+        else:
+            self.rounds_without_improvement += 1
+            self.rounds_on_plateau += 1
+        reduce_lr = plateau_patience is not None and self.rounds_on_plateau >= plateau_patience
+        if reduce_lr:
+            self.rounds_on_plateau = 0
+        if patience is not None and self.rounds_without_improvement >= patience:
+            self.stopped = True
+        return improved, reduce_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +178,30 @@ def load_round(round_path: str | Path, site_rank: int) -> tuple[dict[str, Any], 
     return shared, local
 
 
+def restore_round(
+    round_path: str | Path, site_rank: int, model: nn.Module, optimizer: Any, strategy: Any, sampling: dict[str, Any]
+) -> tuple[RoundState, int]:
+    """Put weights, optimizer, strategy state and random state back; returns the counters and step count.
+
+    Refuses a checkpoint written with another site-sampling rule: the resumed rounds would train other sites.
+    """
+    shared, local = load_round(round_path, site_rank)
+    if shared["sampling"] != sampling:
+        raise ValueError(
+            f"{round_path} was written with site sampling {shared['sampling']} but this run uses "
+            f"{sampling}; resume with the same seed, sites_per_round and num_sites"
+        )
+    model.load_state_dict(local["model"])
+    entries = model.state_dict()
+    with torch.no_grad():
+        for k, v in shared["global"].items():
+            entries[k].copy_(v)
+    optimizer.load_state_dict(local["optimizer"])
+    strategy.load_state_dict(shared["strategy"])
+    restore_rng(local["rng"])
+    return RoundState.from_dict(shared["trainer"]), int(local["global_step"])
+
+
 def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict[str, Any]:
     """A checkpoint dict that ``LightningModule.load_from_checkpoint`` understands."""
     import lightning
@@ -164,6 +214,15 @@ def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict
         "epoch": int(epoch),
         "global_step": int(global_step),
     }
+
+
+def save_best(model: nn.Module, run_dir: str | Path, site_rank: int, epoch: int, global_step: int) -> Path:
+    """Write ``site-<rank>/best.ckpt`` (site 0 also the run's ``best.ckpt``); returns the site's file."""
+    checkpoint = lightning_checkpoint(model, epoch=epoch, global_step=global_step)
+    path = atomic_save(checkpoint, site_dir(run_dir, site_rank) / BEST_FILE)
+    if site_rank == 0:
+        atomic_save(checkpoint, Path(run_dir) / BEST_FILE)
+    return path
 
 
 def resolve_weights_path(ckpt_path: str, run_dir: str | Path, site_rank: int) -> Path:

@@ -1,9 +1,10 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, and small control tensors. Subject ids, predictions and images never cross; a
-payload is a numeric tensor, and every kind except ``"parameters"`` is at most 16 numbers, so a
-per-subject vector cannot slip through under another name.
+sufficient statistics, small control tensors and each site's dataset name. Subject ids, predictions and
+images never cross; a payload is a numeric tensor, every kind except ``"parameters"`` is at most 16
+numbers and a ``"site_name"`` is at most 32 bytes, so a per-subject vector cannot slip through under
+another name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ALLOWED_KINDS", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "FederationPayloadError", "check_payload"]
+__all__ = [
+    "ALLOWED_KINDS", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "SITE_NAME_BYTES", "FederationPayloadError", "check_payload",
+    "decode_site_name", "encode_site_name",
+]
 
 KIND_DOCS: dict[str, str] = {
     "parameters": "Flat floating-point vector of model parameters or aggregated float buffers.",
@@ -20,11 +24,13 @@ KIND_DOCS: dict[str, str] = {
     "metric_stats": "Regression sufficient statistics (n, sums, cross products) for pooled MAE/RMSE/r.",
     "label_stats": "Sum and count of training labels, e.g. for a pooled target mean.",
     "control": "A small integer tensor used for agreed decisions like a stop flag / round number.",
+    "site_name": "The site's dataset name as at most 32 ASCII bytes (uint8), so tables are readable; never subject data.",
 }
 
 ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
 
 MAX_SMALL_ELEMENTS = 16
+SITE_NAME_BYTES = 32
 
 _NUMERIC = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -52,8 +58,31 @@ def check_payload(kind: str, tensor: object) -> None:
     if kind == "parameters":
         if not tensor.is_floating_point():
             raise FederationPayloadError(f"'parameters' payload must be floating point, got {tensor.dtype}")
+    elif kind == "site_name":
+        if tensor.dtype != torch.uint8 or tensor.numel() > SITE_NAME_BYTES:
+            raise FederationPayloadError(
+                f"'site_name' payload must be at most {SITE_NAME_BYTES} uint8 bytes, got {tensor.numel()} "
+                f"elements of {tensor.dtype}"
+            )
     elif tensor.numel() > MAX_SMALL_ELEMENTS:
         raise FederationPayloadError(
             f"payload of kind {kind!r} has {tensor.numel()} elements; only 'parameters' may exceed "
             f"{MAX_SMALL_ELEMENTS} (per-example data never crosses a site boundary)"
         )
+
+
+def encode_site_name(name: str) -> Tensor:
+    """``name`` as exactly ``SITE_NAME_BYTES`` uint8 values: ASCII, other characters as ``?``, cut, zero-padded.
+
+    A fixed length lets every site gather every other site's name in one collective.
+    """
+    raw = str(name).encode("ascii", errors="replace")[:SITE_NAME_BYTES]
+    out = torch.zeros(SITE_NAME_BYTES, dtype=torch.uint8)
+    if raw:
+        out[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    return out
+
+
+def decode_site_name(t: Tensor) -> str:
+    """Inverse of :func:`encode_site_name` (trailing zero bytes dropped)."""
+    return bytes(t.to(torch.uint8).tolist()).rstrip(b"\0").decode("ascii", errors="replace")
