@@ -152,6 +152,7 @@ class BrainMRIDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
             # A trailing training batch of one scan breaks BatchNorm (one value per channel); the shuffle
             # changes which scans fall off each epoch, so none is left out for good.
             drop_last=shuffle and len(dataset) > self.batch_size,

@@ -133,6 +133,10 @@ class SiteRuntime:
             fabric.seed_everything(self.seed)
             if self.deterministic and fabric.device.type == "cpu":
                 torch.use_deterministic_algorithms(True, warn_only=True)
+            if fabric.device.type == "cuda":
+                # Fixed input sizes: let cuDNN pick the fastest 3-D convolution kernels once, as
+                # Lightning's Trainer does unless asked for determinism.
+                torch.backends.cudnn.benchmark = True
             self.fabric = fabric
         return self.fabric
 
@@ -177,7 +181,11 @@ class SiteRuntime:
         fabric = self._fabric()
         module, optimizer = self._modules.get(id(model), (None, None))
         if module is None:
-            module = fabric.setup_module(torch.compile(model) if self.compile else model)
+            if self.compile:
+                # In place and forward only: state_dict keys stay the same (no ``_orig_mod.`` prefix), so
+                # aggregation and checkpoints are unchanged, and the step's logging stays out of the graph.
+                model.compile()
+            module = fabric.setup_module(model)
         if with_optimizer and optimizer is None:
             optimizer = fabric.setup_optimizers(single_optimizer(model.configure_optimizers()))
         self._modules[id(model)] = (module, optimizer)

@@ -49,6 +49,8 @@ class RegressionModule(LightningModule):
         self.register_buffer("target_mean", torch.zeros(()))
         self._accumulators: dict[str, dict[int, torch.Tensor]] = {}
         self.last_epoch_metrics: dict[str, dict[str, float]] = {}
+        self.fabric_log_every_n_steps = 50
+        self._fabric_steps = 0
 
     # -- construction ------------------------------------------------------------------------------------
     def _apply_memory_format(self, channels_last: bool) -> None:
@@ -88,8 +90,14 @@ class RegressionModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image = self._image(batch)
         loss, _ = self._loss_and_pred(image, self._target(batch, image))
-        if self._attached():
+        if self._trainer is not None:
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=image.shape[0])
+        elif self._fabric is not None:
+            # Fabric logs immediately, which reads the loss back to the host: doing that every step would
+            # stall the GPU queue, so log every ``fabric_log_every_n_steps`` like Lightning's Trainer does.
+            if self._fabric_steps % self.fabric_log_every_n_steps == 0:
+                self.log("train/loss", loss.detach())
+            self._fabric_steps += 1
         return loss
 
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> dict[str, torch.Tensor]:
