@@ -29,7 +29,7 @@ def test_end_to_end_batches(tiny_bids, tmp_path):
     assert not torch.equal(out["image"], batch["image"])
     val = next(iter(dm.val_dataloader()))
     assert "augment" not in val and dm.on_after_batch_transfer(val, 0) is val
-    total, count = dm.train_target_stats()
+    total, count, squares = dm.train_target_stats()
     assert count == len(dm.train_records) and total == pytest.approx(sum(r.label for r in dm.train_records))
     # subjects never straddle splits; all scans are predictable
     train_ids = {r.participant_id for r in dm.train_records}

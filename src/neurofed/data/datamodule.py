@@ -171,12 +171,15 @@ class BrainMRIDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self._require("predict"))
 
-    def train_target_stats(self) -> tuple[float, int]:
-        """Sum and count of training labels (aggregates only, safe to share across sites)."""
+    def train_target_stats(self) -> tuple[float, int, float]:
+        """Sum, count and sum of squares of the training labels: aggregates only, safe to share across sites.
+
+        Models centre and scale their output on the pooled mean and SD these give.
+        """
         if self._datasets is None:
             self.setup()
         values = [r.label for r in self.train_records if not math.isnan(r.label)]
-        return float(sum(values)), len(values)
+        return float(sum(values)), len(values), float(sum(v * v for v in values))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Apply GPU augmentation to batches carrying "augment", then drop that key."""

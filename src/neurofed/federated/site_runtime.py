@@ -222,8 +222,9 @@ class SiteRuntime:
         seed_everything(int(np.random.SeedSequence(entropy).generate_state(1)[0]), workers=True, verbose=False)
 
     def _site_name(self, datamodule: Any) -> str:
+        """The site's dataset name; a site pooling several roots (centralized training) joins their names."""
         names = getattr(datamodule, "site_names", None)
-        return str(names[0]) if names else f"site{self.federation.site_rank}"
+        return "+".join(str(n) for n in names) if names else f"site{self.federation.site_rank}"
 
 
 def single_optimizer(configured: Any) -> torch.optim.Optimizer:

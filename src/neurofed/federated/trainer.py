@@ -379,14 +379,20 @@ class FederatedTrainer(SiteRuntime):
         log.info("%s: resumed from %s after round %d", self.site_name, path, self.state.round)
 
     def _share_target_mean(self, model: Any, datamodule: Any) -> None:
-        """Pooled mean training label for models that centre their output on it (sum and count cross)."""
+        """Pooled mean (and SD) of the training labels for models that centre and scale their output on them.
+
+        Only the sum, count and sum of squares of each site's labels cross.
+        """
         if not (hasattr(model, "set_target_mean") and hasattr(datamodule, "train_target_stats")):
             return
-        s, n = datamodule.train_target_stats()
-        total = self.link.all_reduce(torch.tensor([float(s), float(n)], dtype=torch.float64), "label_stats")
+        stats = [float(v) for v in datamodule.train_target_stats()]
+        total = self.link.all_reduce(torch.tensor(stats, dtype=torch.float64), "label_stats").tolist()
         if total[1] <= 0:
             raise RuntimeError("no site has labelled training examples; cannot set the target mean")
-        model.set_target_mean(float(total[0] / total[1]))
+        if hasattr(model, "set_target_stats"):
+            model.set_target_stats(*model.label_moments(total))
+        else:
+            model.set_target_mean(total[0] / total[1])
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation across the federation (validate / test)

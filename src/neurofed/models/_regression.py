@@ -8,6 +8,7 @@ the Fabric-based federated trainer. Subclasses supply only the head and the loss
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ class RegressionModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_scale", torch.ones(()))
         self._accumulators: dict[str, dict[int, torch.Tensor]] = {}
         self.last_epoch_metrics: dict[str, dict[str, float]] = {}
         self.fabric_log_every_n_steps = 50
@@ -61,6 +63,27 @@ class RegressionModule(LightningModule):
     def set_target_mean(self, value: float) -> None:
         """Mean training label: the L1 head's offset and the baseline prediction."""
         self.target_mean.fill_(float(value))
+
+    def set_target_stats(self, mean: float, sd: float | None = None) -> None:
+        """Mean and SD of the training labels: the L1 head predicts ``mean + sd * output``.
+
+        Why: a freshly initialised head outputs values near zero; scaled by the label SD (about 17 years for
+        brain age) it starts in the right range, so the optimizer need not first grow the head's weights
+        by an order of magnitude. That matters most on small cohorts and short CPU runs.
+        """
+        self.set_target_mean(mean)
+        if sd is not None and math.isfinite(sd) and sd > 0:
+            self.target_scale.fill_(float(sd))
+
+    @staticmethod
+    def label_moments(stats: tuple) -> tuple[float, float | None]:
+        """(mean, SD) from ``train_target_stats()``: (sum, count) or (sum, count, sum of squares)."""
+        total, count = float(stats[0]), float(stats[1])
+        mean = total / count
+        if len(stats) < 3 or count < 2:
+            return mean, None
+        variance = max(float(stats[2]) / count - mean * mean, 0.0)
+        return mean, math.sqrt(variance)
 
     # -- subclass interface ----------------------------------------------------------------------------------
     def _loss_and_pred(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,10 +230,11 @@ class RegressionModule(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         stats = getattr(datamodule, "train_target_stats", None)
         if callable(stats):
-            total, count = stats()
-            if count > 0:
-                self.set_target_mean(total / count)
-                log.info("target_mean set to %.4f from %d training labels", total / count, count)
+            values = stats()
+            if values[1] > 0:
+                mean, sd = self.label_moments(values)
+                self.set_target_stats(mean, sd)
+                log.info("target mean %.4f, SD %s from %d training labels", mean, sd, values[1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

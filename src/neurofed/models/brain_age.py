@@ -61,7 +61,7 @@ class BrainAgeModule(RegressionModule):
         out = self._head_output(image)
         if self.hparams.loss == "kl":
             return expected_value(out.log_softmax(dim=-1), self.bin_centers)
-        return self.target_mean + out.squeeze(-1)
+        return self.target_mean + self.target_scale * out.squeeze(-1)
 
     def _loss_and_pred(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._head_output(image)
@@ -69,5 +69,5 @@ class BrainAgeModule(RegressionModule):
             log_probs = out.log_softmax(dim=-1)
             loss = soft_label_kl(log_probs, target, self.bin_centers, self.hparams.sigma)
             return loss, expected_value(log_probs, self.bin_centers)
-        pred = self.target_mean + out.squeeze(-1)
+        pred = self.target_mean + self.target_scale * out.squeeze(-1)
         return F.l1_loss(pred, target), pred

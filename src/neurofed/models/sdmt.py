@@ -132,7 +132,7 @@ class SDMTModule(RegressionModule):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``[B]`` predicted scores."""
-        return self.target_mean + self.head(self.backbone(image)).float().squeeze(-1)
+        return self.target_mean + self.target_scale * self.head(self.backbone(image)).float().squeeze(-1)
 
     def _loss_and_pred(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pred = self(image)
