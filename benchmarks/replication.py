@@ -87,10 +87,16 @@ def brain_age_model_args(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def read_results(run_dir: Path) -> dict:
+def read_results(run_dir: Path, roots: list[str]) -> dict:
+    """The run's per-site test table; its prediction tables and scatter plots are copied beside it, since the
+    next run writes the same derivatives folders."""
     path = run_dir / "test_metrics.json"
     if not path.is_file():
         sys.exit(f"{path} is missing: the run did not test its best model")
+    for root in roots:
+        derivatives = Path(root) / "derivatives" / "neurofed"
+        if derivatives.is_dir():
+            shutil.copytree(derivatives, run_dir / "predictions" / Path(root).name, dirs_exist_ok=True)
     return json.loads(path.read_text())
 
 
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-synth", action="store_true", help="reuse the sites already under --out")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plots of finished runs")
     args = parser.parse_args()
 
     # CPU default vs the study's size on a GPU.
@@ -132,7 +139,7 @@ def main() -> None:
     healthy_roots = [str(args.out / "sites" / s) for s in HEALTHY]
     ms_roots = [str(args.out / "sites_ms" / s) for s in MS]
     timings: dict[str, float] = {}
-    if not args.skip_synth:
+    if not (args.skip_synth or args.report_only):
         for folder in ("sites", "sites_ms", "runs", "cache"):
             shutil.rmtree(args.out / folder, ignore_errors=True)
         timings["synth healthy"] = run(neurofed("synth", "--out", str(args.out / "sites"), "--sites", ",".join(HEALTHY),
@@ -144,17 +151,24 @@ def main() -> None:
                                            "--no-progress"), logs / "synth_ms.log")
 
     runs: dict[str, dict] = {}
+    if args.report_only:
+        for name, run_dir in [("brain age / centralized", "central")] + [
+            (f"brain age / federated {s}", f"federated_{s}") for s in strategies
+        ] + [("sdmt / deep", "sdmt_deep"), ("sdmt / shallow", "sdmt_shallow")]:
+            runs[name] = json.loads((args.out / "runs" / run_dir / "test_metrics.json").read_text())
+        write_outputs(args, runs, timings, strategies)
+        return
     base = ["--config", str(REPO / "configs" / "brain_age_cpu.yaml"), *size_args(args), *brain_age_model_args(args)]
     timings["brain age centralized"] = run(
         neurofed("fit", *base, "--data.root", json.dumps(healthy_roots), "--trainer.run_name", "central"),
         logs / "central.log")
-    runs["brain age / centralized"] = read_results(args.out / "runs" / "central")
+    runs["brain age / centralized"] = read_results(args.out / "runs" / "central", healthy_roots)
     for s in strategies:
         timings[f"brain age {s}"] = run(
             neurofed("simulate", "--roots", ",".join(healthy_roots), "fit", *base,
                      "--trainer.strategy.class_path", STRATEGIES[s], "--trainer.run_name", f"federated_{s}"),
             logs / f"federated_{s}.log")
-        runs[f"brain age / federated {s}"] = read_results(args.out / "runs" / f"federated_{s}")
+        runs[f"brain age / federated {s}"] = read_results(args.out / "runs" / f"federated_{s}", healthy_roots)
 
     brain_age_ckpt = args.out / "runs" / f"federated_{strategies[0]}" / "site-0" / "best.ckpt"
     for transfer, config in (("deep", "sdmt_deep_cpu.yaml"), ("shallow", "sdmt_shallow_cpu.yaml")):
@@ -164,33 +178,38 @@ def main() -> None:
                      "--model.init_args.channels_last", str(args.channels_last).lower(),
                      "--trainer.run_name", f"sdmt_{transfer}"),
             logs / f"sdmt_{transfer}.log")
-        runs[f"sdmt / {transfer}"] = read_results(args.out / "runs" / f"sdmt_{transfer}")
+        runs[f"sdmt / {transfer}"] = read_results(args.out / "runs" / f"sdmt_{transfer}", ms_roots)
 
     write_outputs(args, runs, timings, strategies)
+
+
+def _num(row: dict, key: str) -> float:
+    """A metric of a results row; NaN where it is missing or was stored as null (e.g. r of one subject)."""
+    value = row.get(key)
+    return float("nan") if value is None else float(value)
 
 
 def write_outputs(args: argparse.Namespace, runs: dict[str, dict], timings: dict[str, float], strategies: list[str]) -> None:
     lines = ["run\tsite\tn\tmae\trmse\tr\tr2\tbaseline_mae"]
     for name, rows in runs.items():
         for site, row in rows.items():
-            lines.append("\t".join([name, site] + [f"{row.get(k, float('nan')):.3f}" for k in
+            lines.append("\t".join([name, site] + [f"{_num(row, k):.3f}" for k in
                                                    ("n", "mae", "rmse", "r", "r2", "baseline_mae")]))
     (args.out / "results.tsv").write_text("\n".join(lines) + "\n")
 
     md = ["| task / run | site | n | MAE | r | predict-the-mean MAE |", "|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         for site, row in rows.items():
-            md.append(f"| {name} | {site} | {row.get('n', 0):.0f} | {row.get('mae', float('nan')):.2f} | "
-                      f"{row.get('r', float('nan')):.2f} | {row.get('baseline_mae', float('nan')):.2f} |")
+            md.append(f"| {name} | {site} | {_num(row, 'n'):.0f} | {_num(row, 'mae'):.2f} | "
+                      f"{_num(row, 'r'):.2f} | {_num(row, 'baseline_mae'):.2f} |")
     fed = runs.get(f"brain age / federated {strategies[0]}", {}).get("pooled", {})
     cen = runs.get("brain age / centralized", {}).get("pooled", {})
     deep = runs.get("sdmt / deep", {}).get("pooled", {})
     shallow = runs.get("sdmt / shallow", {}).get("pooled", {})
     md += ["", "| comparison | reference study | this run (pooled test MAE) |", "|---|---|---|",
-           f"| brain age federated vs centralized | 6.08 vs 7.02 | {fed.get('mae', float('nan')):.2f} vs "
-           f"{cen.get('mae', float('nan')):.2f} |",
-           f"| SDMT deep vs shallow (predict-the-mean) | 9.19 vs 11.05 | {deep.get('mae', float('nan')):.2f} vs "
-           f"{shallow.get('mae', float('nan')):.2f} ({deep.get('baseline_mae', float('nan')):.2f}) |",
+           f"| brain age federated vs centralized | 6.08 vs 7.02 | {_num(fed, 'mae'):.2f} vs {_num(cen, 'mae'):.2f} |",
+           f"| SDMT deep vs shallow (predict-the-mean) | 9.19 vs 11.05 | {_num(deep, 'mae'):.2f} vs "
+           f"{_num(shallow, 'mae'):.2f} ({_num(deep, 'baseline_mae'):.2f}) |",
            "", "| step | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in timings.items()]
     (args.out / "table.md").write_text("\n".join(md) + "\n")
 
