@@ -17,6 +17,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure as PNG (creating folders) and free it: long runs draw many."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def scatter_true_vs_predicted(
     per_site: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     path: str | Path,
@@ -49,12 +59,7 @@ def scatter_true_vs_predicted(
     ax.set_title(title or f"{label}: true vs predicted")
     ax.legend(fontsize=7, loc="upper left")
     ax.set_aspect("equal")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_per_round(curves: Mapping[str, Sequence[float]], path: str | Path, ylabel: str = "validation loss") -> Path:
@@ -67,9 +72,4 @@ def loss_per_round(curves: Mapping[str, Sequence[float]], path: str | Path, ylab
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
