@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,30 +57,48 @@ def evaluate_split(
     module: Any, loader: Iterable | None, datamodule: Any, step: str, link: SiteLink,
     baseline: float | None, dataloader_idx: int = 0,
 ) -> SplitSums:
-    """Run ``module.<step>`` over one split and reduce it to sums over this site's ranks."""
-    loss_sum, count = 0.0, 0.0
-    stats, base = RegressionStats(), RegressionStats()
+    """Run ``module.<step>`` over one split and reduce it to sums over this site's ranks.
+
+    The sums accumulate on the device and are read back once per split: validation runs every round, and a
+    host read per batch would stall the GPU queue each time.
+    """
+    width = 2 + 2 * _N_STATS
+    acc: Tensor | None = None
+    stage = step.removesuffix("_step")  # "validation" or "test": the epoch hooks Lightning's Trainer calls
     if loader is not None:
         was_training = module.training
         module.eval()
+        _call_hook(module, f"on_{stage}_epoch_start")
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 batch = after_transfer(datamodule, batch, dataloader_idx)
                 out = getattr(module, step)(batch, i)
-                n = int(out["target"].numel())
-                loss_sum += float(out["loss"]) * n
-                count += n
-                stats = stats + RegressionStats.from_predictions(out["pred"], out["target"])
+                pred, target = out["pred"], out["target"]
+                n = torch.tensor([float(target.numel())], dtype=torch.float64, device=pred.device)
+                parts = [out["loss"].detach().double().reshape(1) * n, n,
+                         RegressionStats.tensor_from_predictions(pred, target)]
                 if baseline is not None:
-                    constant = np.full(tuple(out["target"].shape), baseline)
-                    base = base + RegressionStats.from_predictions(constant, out["target"])
+                    constant = torch.full_like(pred, baseline)
+                    parts.append(RegressionStats.tensor_from_predictions(constant, target))
+                else:
+                    parts.append(torch.zeros(_N_STATS, dtype=torch.float64, device=pred.device))
+                row_t = torch.cat(parts)
+                acc = row_t if acc is None else acc + row_t
+        _call_hook(module, f"on_{stage}_epoch_end")
         module.train(was_training)
-    local = torch.cat([torch.tensor([loss_sum, count], dtype=torch.float64), stats.to_tensor(), base.to_tensor()])
+    local = acc.cpu() if acc is not None else torch.zeros(width, dtype=torch.float64)
     summed = link.site_sum(local).cpu()  # one collective inside the site for all of the sums
     return SplitSums(
         loss_sum=summed[0:1], count=summed[1:2], stats=summed[2 : 2 + _N_STATS],
         baseline=summed[2 + _N_STATS :] if baseline is not None else None,
     )
+
+
+def _call_hook(module: Any, name: str) -> None:
+    """Call a LightningModule epoch hook if the model has one, so its epoch state starts and ends with the split."""
+    hook = getattr(module, name, None)
+    if callable(hook):
+        hook()
 
 
 def row(stats: RegressionStats, loss: Tensor, baseline: RegressionStats | None = None) -> dict[str, float]:
