@@ -52,7 +52,8 @@ def site_process(rank: int, port: int, site: str, cfg: dict, queue) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        dm = make_datamodule(Path(site), Path(cfg["cache"]), cfg["size"], cfg["batch_size"], cfg["num_workers"])
+        dm = make_datamodule(Path(site), Path(cfg["cache"]), cfg["size"], cfg["batch_size"], cfg["num_workers"],
+                             resident=cfg["resident"])
         model = BrainAgeModule(channels=scaled_channels(cfg["width"]), channels_last=cfg["channels_last"])
         trainer = FederatedTrainer(
             rounds=cfg["rounds"], local_epochs=1, precision=cfg["precision"], accelerator=cfg["device"],
@@ -126,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n2 sites on one {args.device} device; SFCN channels {scaled_channels(args.width)}; "
           f"{'x'.join(map(str, args.size))} @ 1 mm; {args.precision}"
           f"{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}; batch "
-          f"{args.batch_size}; {args.num_workers} loader workers per site; {wall:.0f} s wall (fit + test)")
+          f"{args.batch_size}; "
+          f"{'resident scans' if args.resident else f'{args.num_workers} loader workers per site'}; "
+          f"{wall:.0f} s wall (fit + test)")
     header = ["round", "site", "train n", "train s", "vol/s", "data-wait %", "aggregate s", "validate s", "val MAE (pooled)"]
     body = []
     for r in range(args.rounds):
@@ -148,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         print(line(row))
     if args.device == "cuda":
         print("peak GPU memory per site: " + ", ".join(f"{results[k]['name']} {results[k]['peak_gib']:.2f} GiB" for k in sorted(results)))
-    print("round 0 includes warm-up (cuDNN / compile); aggregation time includes waiting for the slower site")
+    print("round 0 includes warm-up (cuDNN / compile"
+          f"{', loading the resident scans' if args.resident else ''}); aggregation time includes waiting for the "
+          "slower site")
     print(f"\ntest (best global model, {len(results)} sites)")
     print(format_table(results[0]["rows"]))
     return 0
@@ -172,6 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last_3d (default: on for cuda, off for cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model at each site")
+    p.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold each site's scans in device memory, as the GPU configs do (default: on for cuda)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers per site (default: 6 on cuda, two sites share the cores; 0 on cpu)")
     p.add_argument("--volumes", type=int, default=None, help="distinct scans per site (default: 48 on cuda, 8 on cpu)")
@@ -188,6 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = tuple(args.size)
     args.precision = args.precision or ("bf16-mixed" if gpu else "32-true")
     args.channels_last = args.channels_last if args.channels_last is not None else gpu
+    args.resident = args.resident if args.resident is not None else gpu
     args.num_workers = args.num_workers if args.num_workers is not None else (6 if gpu else 0)
     args.volumes = args.volumes or (48 if gpu else 8)
     args.subjects = max(args.subjects or 2 * args.volumes, args.volumes)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU check, run once on a GPU machine from the repo root:
 #   (a) write synthetic 1 mm BIDS sites and fill the fp16 cache once (all cores),
-#   (b) local_epoch.py --sweep: neurofed's local epoch on DESIGN.md's anchor variants (+ plain-loop pairs),
-#   (c) federated_gpu.py: a two-site bf16 federation on the one GPU, 3 rounds, then the test table.
+#   (b) local_epoch.py --sweep: neurofed's local epoch on DESIGN.md's anchor variants with resident scans
+#       (+ plain-loop pairs, and bf16+cl b8 streamed through loader workers for comparison),
+#   (c) federated_gpu.py: a two-site bf16 federation on the one GPU (resident scans), 3 rounds, then the test
+#       table.
 # Why one script: device time is scarce, so every step has its own `timeout`, a failing step does not stop
-# the next, and the whole run stays under 7 minutes (step caps: 60 + 170 + 150 s, plus installing wheels; measured on an H100: 47 + 124 s for the first two).
+# the next, and the whole run stays under 7.5 minutes (step caps: 60 + 210 + 150 s, plus installing wheels;
+# measured on an H100 before resident scans existed: 47 + 124 s for the first two).
 # The log goes to $OUT/gpu_check.log; the data stays under /tmp (it must not travel back with $OUT).
 #
 # GPU machine (needs .whl/ from `bash ../shared/gpu/wheels.sh`):   bash benchmarks/gpu_check.sh
@@ -32,7 +35,7 @@ else
   done
   export PYTHONPATH=$BLOCK:$PWD/src
   LOCAL=(--device cpu --size 32 32 32 --width 0.125 --volumes 4 --subjects 24 --num-workers 1)
-  FED=(--device cpu --size 32 32 32 --width 0.125 --volumes 4 --subjects 12 --num-workers 0 --rounds 2)
+  FED=(--device cpu --size 32 32 32 --width 0.125 --volumes 4 --subjects 12 --num-workers 0 --rounds 2 --resident)
   SWEEP=(--epochs 1)
 fi
 
@@ -72,7 +75,7 @@ print('torch', torch.__version__, '| lightning', lightning.__version__, '| cuda'
   step "a: synthetic data + cache" 60 bash -c "
     $PY benchmarks/local_epoch.py --prepare-only --data-dir $DATA/local ${LOCAL[*]} &&
     $PY benchmarks/federated_gpu.py --prepare-only --data-dir $DATA/fed ${FED[*]}"
-  step "b: local epoch sweep" 170 $PY benchmarks/local_epoch.py --data-dir "$DATA/local" "${LOCAL[@]}" "${SWEEP[@]}"
+  step "b: local epoch sweep" 210 $PY benchmarks/local_epoch.py --data-dir "$DATA/local" "${LOCAL[@]}" "${SWEEP[@]}"
   step "c: two-site federation" 150 $PY benchmarks/federated_gpu.py --data-dir "$DATA/fed" "${FED[@]}" --timeout 140
 
   echo

@@ -14,12 +14,18 @@ SFCN + soft-label head, AdamW, precision, channels_last_3d and torch.compile set
 * plain: a hand-written loop over a DataLoader on the same ``CachedVolumeDataset``, with the same GPU
   augmentation (``--no-plain-augment`` to drop it), timed the same way.
 
+Data path (``--data``): ``stream`` reads each batch from the cache through loader workers and pinned memory;
+``resident`` holds the site's scans in device memory (``BrainMRIDataModule(resident=True)``; the plain loop
+indexes one device tensor); ``both`` runs each variant both ways. The default on CUDA is ``both`` for a
+single variant and ``resident`` (plus one streamed pair) for ``--sweep``.
+
 vol/s = trained volumes / training seconds; data-wait % = seconds blocked waiting for the next batch /
 training seconds (for neurofed the trainer's ``time/data_wait_s``, n/a when the trainer does not report it).
 
     python benchmarks/local_epoch.py                                  # CPU, 64^3, width 0.25
     python benchmarks/local_epoch.py --device cuda                    # 160x192x160, full width, bf16+cl
     python benchmarks/local_epoch.py --device cuda --sweep            # DESIGN.md's anchor variants
+    python benchmarks/local_epoch.py --data both                      # CPU ratio, streamed and resident
     python benchmarks/local_epoch.py --prepare-only --data-dir /tmp/nf --volumes 64 --subjects 256
 """
 
@@ -159,14 +165,14 @@ def write_site(root: Path, spec: SiteSpec, workers: int) -> Path:
 
 
 def make_datamodule(site: Path, cache_dir: Path, size, batch_size: int, num_workers: int, augment: bool = True,
-                    max_subjects: int | None = None):
+                    max_subjects: int | None = None, resident: bool = False):
     """The product's datamodule at 1 mm on ``size``; most subjects in the training split."""
     from neurofed.data import BrainMRIDataModule
 
     return BrainMRIDataModule(
         root=str(site), label="age", spacing=1.0, shape=tuple(size), split=(0.8, 0.1, 0.1),
         batch_size=batch_size, num_workers=num_workers, cache_dir=str(cache_dir), augment=augment,
-        max_subjects=max_subjects,
+        max_subjects=max_subjects, resident=resident,
     )
 
 
@@ -195,6 +201,9 @@ class Result:
     peak_gib: float
     peak_kind: str
     note: str = ""
+    data: str = "stream"
+    start_gib: float = 0.0  # GPU memory already allocated when the variant started (resident scans, leftovers)
+    warmup_peak_gib: float = math.nan  # peak of the warm-up epoch alone (cuDNN autotuning, compile); GPU only
 
 
 def scaled_channels(width: float) -> list[int]:
@@ -209,6 +218,12 @@ def reset_peak(device: str) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def allocated_gib(device: str) -> float:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
 
 
 def peak_memory(device: str) -> tuple[float, str]:
@@ -230,6 +245,29 @@ def fresh_compile_state() -> None:
             setattr(torch._dynamo.config, name, 64)
 
 
+def steady_peak_trainer():
+    """A FederatedTrainer that keeps the warm-up round's peak GPU memory apart from the timed rounds'.
+
+    Why: the first round autotunes cuDNN (trying kernels with large workspaces) and compiles; its transient
+    peak says nothing about the memory training needs, which is what a site sizing its batch wants to know.
+    """
+    import torch
+
+    from neurofed.federated import FederatedTrainer
+
+    class SteadyPeakTrainer(FederatedTrainer):
+        warmup_peak_gib = math.nan
+
+        def _run_round(self, r, *args, **kwargs):
+            if r == 1 and torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.warmup_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            return super()._run_round(r, *args, **kwargs)
+
+    return SteadyPeakTrainer
+
+
 def trained_volumes(n_train: int, batch_size: int) -> int:
     """Volumes one epoch trains under the datamodule's drop_last rule."""
     return (n_train // batch_size) * batch_size if n_train > batch_size else n_train
@@ -242,21 +280,22 @@ def run_neurofed(dm, args, precision: str, channels_last: bool, compile_: bool, 
     """One-site FederatedTrainer, ``epochs + 1`` rounds of one local epoch; the first round is warm-up."""
     import torch
 
-    from neurofed.federated import FederatedTrainer
     from neurofed.models import BrainAgeModule
 
     dm.batch_size = batch_size
     reset_peak(args.device)
+    start = allocated_gib(args.device)
     fresh_compile_state()
     torch.manual_seed(0)
     model = BrainAgeModule(channels=scaled_channels(args.width), channels_last=channels_last)
-    trainer = FederatedTrainer(
+    trainer = steady_peak_trainer()(
         rounds=args.epochs + 1, local_epochs=1, precision=precision, accelerator=args.device, compile=compile_,
         logger=False, enable_progress_bar=False, default_root_dir=str(root), run_name="local-epoch",
     )
     trainer.fit(model, dm)
     trainer.close()
     peak, kind = peak_memory(args.device)
+    trainer_warmup_peak = trainer.warmup_peak_gib
     measured = trainer.history[1:]
     n_train = len(dm.train_records)
     volumes = sum(h.get("train/volumes", trained_volumes(n_train, batch_size)) for h in measured)
@@ -267,11 +306,16 @@ def run_neurofed(dm, args, precision: str, channels_last: bool, compile_: bool, 
     if math.isnan(wait):
         note = "; ".join(filter(None, [note, "trainer reports no time/data_wait_s"]))
     del trainer, model
-    return Result("neurofed", volumes / train_s, wait, peak, kind, note)
+    data = "resident" if dm.resident else "stream"
+    return Result("neurofed", volumes / train_s, wait, peak, kind, note, data, start, trainer_warmup_peak)
 
 
-def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, batch_size: int) -> Result:
-    """A hand-written loop over the same cache: DataLoader -> device -> (augment) -> autocast step -> AdamW."""
+def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, batch_size: int, resident: bool) -> Result:
+    """A hand-written loop over the same cache: DataLoader -> device -> (augment) -> autocast step -> AdamW.
+
+    ``resident``: the training scans are stacked into one device tensor first and each batch is an index
+    into it (a fresh permutation per epoch, same drop-last rule), as ``BrainMRIDataModule(resident=True)`` does.
+    """
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
@@ -281,15 +325,32 @@ def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, bat
     from neurofed.models.sfcn import SFCN
 
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     reset_peak(args.device)
     fresh_compile_state()
     torch.manual_seed(0)
     dataset = CachedVolumeDataset(dm.train_records, dm.cache, dm.config, augment=False)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        drop_last=len(dataset) > batch_size,
-    )
+    if resident:
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
+        targets = torch.stack([dataset[i]["target"] for i in range(len(dataset))]).to(device)
+        order = torch.Generator().manual_seed(0)
+
+        def resident_batches():
+            perm = torch.randperm(len(dataset), generator=order)
+            stop = trained_volumes(len(dataset), batch_size)
+            for i in range(0, stop, batch_size):
+                index = perm[i:i + batch_size].to(device, non_blocking=True)
+                yield {"image": images.index_select(0, index), "target": targets.index_select(0, index)}
+
+        loader = None
+    else:
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
+            num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            drop_last=len(dataset) > batch_size,
+        )
+    start = allocated_gib(args.device)
     bins = AgeBins()
     centers = bins.centers.to(device)
     backbone = SFCN(1, scaled_channels(args.width), 0.5)
@@ -308,7 +369,7 @@ def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, bat
         wait, seen = 0.0, 0
         loss_sum = torch.zeros((), device=device)
         t0 = time.perf_counter()
-        it = iter(loader)
+        it = resident_batches() if loader is None else iter(loader)
         while True:
             w0 = time.perf_counter()
             batch = next(it, None)
@@ -337,11 +398,19 @@ def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, bat
         return time.perf_counter() - t0, wait, seen
 
     epoch()  # warm-up / compile
+    warmup_peak = math.nan
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        warmup_peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     totals = [epoch() for _ in range(args.epochs)]
     train_s = sum(t for t, _, _ in totals)
     peak, kind = peak_memory(args.device)
     del loader, net, step, optimizer
-    return Result("plain", sum(n for *_, n in totals) / train_s, sum(w for _, w, _ in totals) / train_s, peak, kind)
+    if resident:
+        del images, targets
+    return Result("plain", sum(n for *_, n in totals) / train_s, sum(w for _, w, _ in totals) / train_s, peak, kind,
+                  data="resident" if resident else "stream", start_gib=start, warmup_peak_gib=warmup_peak)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,10 +421,12 @@ def fmt_pct(x: float) -> str:
 
 
 def print_table(rows: list[tuple[str, Result]], with_anchor: bool) -> None:
-    header = ["variant", "loop", "vol/s", "data-wait %", "peak GiB"] + (["anchor vol/s", "vs anchor"] if with_anchor else [])
+    header = ["variant", "data", "loop", "vol/s", "data-wait %", "peak GiB", "start GiB", "warm-up peak"] + (
+        ["anchor vol/s", "vs anchor"] if with_anchor else [])
     body = []
     for label, r in rows:
-        cells = [label, r.name, f"{r.vol_s:.1f}", fmt_pct(r.wait_share), f"{r.peak_gib:.2f} {r.peak_kind}"]
+        cells = [label, r.data, r.name, f"{r.vol_s:.1f}", fmt_pct(r.wait_share), f"{r.peak_gib:.2f} {r.peak_kind}",
+                 f"{r.start_gib:.2f}", "-" if math.isnan(r.warmup_peak_gib) else f"{r.warmup_peak_gib:.2f}"]
         if with_anchor:
             anchor = ANCHORS.get(label, (math.nan, math.nan))[0]
             cells += ["-" if math.isnan(anchor) else f"{anchor:.1f}",
@@ -370,12 +441,16 @@ def print_table(rows: list[tuple[str, Result]], with_anchor: bool) -> None:
 
 
 def verdicts(rows: list[tuple[str, Result]]) -> None:
-    by_label: dict[str, dict[str, Result]] = {}
+    by_label: dict[tuple[str, str], dict[str, Result]] = {}
     for label, r in rows:
-        by_label.setdefault(label, {})[r.name] = r
-    for label, pair in by_label.items():
+        by_label.setdefault((label, r.data), {})[r.name] = r
+    for (label, data), pair in by_label.items():
         if "neurofed" in pair and "plain" in pair:
-            print(f"{label}: neurofed / plain = {pair['neurofed'].vol_s / pair['plain'].vol_s:.2f}")
+            print(f"{label} ({data}): neurofed / plain = {pair['neurofed'].vol_s / pair['plain'].vol_s:.2f}")
+    for label in dict.fromkeys(label for label, _ in rows):
+        modes = {data: pair["neurofed"] for (lab, data), pair in by_label.items() if lab == label and "neurofed" in pair}
+        if "stream" in modes and "resident" in modes:
+            print(f"{label}: neurofed resident / streamed = {modes['resident'].vol_s / modes['stream'].vol_s:.2f}")
     for label, r in rows:
         for note in filter(None, [r.note]):
             print(f"note ({label}, {r.name}): {note}")
@@ -417,8 +492,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "in a sweep, the single variant otherwise) or none (default: all without --sweep, best with it)")
     p.add_argument("--plain-augment", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the same GPUAugment in the plain loop (default: on)")
-    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
-                   help="set torch.backends.cudnn.benchmark for both loops (default: off, torch's default)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.backends.cudnn.benchmark for the plain loop (default: on, as the federated trainer "
+                        "sets it on CUDA)")
+    p.add_argument("--data", choices=["stream", "resident", "both"], default=None,
+                   help="data path: stream from the cache through loader workers, resident scans in device "
+                        "memory, or both (default: both; with --sweep on cuda, resident plus one streamed pair)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where the synthetic BIDS site and the cache live; reused when present "
                         "(default: a folder under $TMPDIR keyed by size and volume counts)")
@@ -435,6 +514,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.volumes = args.volumes or (64 if gpu else 16)
     args.subjects = max(args.subjects or 4 * args.volumes, args.volumes)
     args.plain = args.plain or ("best" if args.sweep else "all")
+    args.data = args.data or ("resident" if args.sweep and gpu else "both")
     if args.data_dir is None:
         tag = f"{'x'.join(map(str, args.size))}-v{args.volumes}-s{args.subjects}"
         args.data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"neurofed-bench-{tag}"
@@ -460,9 +540,19 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("--device cuda: no CUDA device visible")
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dm = make_datamodule(site, args.data_dir / "cache", args.size, args.batch_size, args.num_workers)
-    dm.setup("fit")
-    n_train = len(dm.train_records)
+    datamodules = {}
+    for data in ("stream", "resident"):
+        dm = make_datamodule(site, args.data_dir / "cache", args.size, args.batch_size, args.num_workers,
+                             resident=data == "resident")
+        dm.setup("fit")
+        datamodules[data] = dm
+    if args.data != "stream":  # fill the store now, so that no variant's timing or peak includes the load
+        t0 = time.perf_counter()
+        store = datamodules["resident"].volumes
+        store.gather(torch.zeros(1, dtype=torch.long, device=args.device))
+        print(f"resident scans: {len(store)} distinct, {store.nbytes / 2**30:.2f} GiB on {args.device} "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    n_train = len(datamodules["stream"].train_records)
 
     if args.sweep:
         variants = [
@@ -473,11 +563,13 @@ def main(argv: list[str] | None = None) -> None:
             ("bf16+cl+compile b16", "bf16-mixed", True, True, 16),
         ]
         best = ("bf16+cl b8", "bf16+cl+compile b8")
+        streamed_pair = "bf16+cl b8"  # the loader-bound configuration of the last measurement, for comparison
     else:
         tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}[args.precision]
         label = tag + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else "") + f" b{args.batch_size}"
         variants = [(label, args.precision, args.channels_last, args.compile, args.batch_size)]
         best = (label,)
+        streamed_pair = label
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\n{device_name}; torch {torch.__version__}; SFCN channels {scaled_channels(args.width)}; "
@@ -493,18 +585,23 @@ def main(argv: list[str] | None = None) -> None:
         for label, precision, cl, comp, bs in variants:
             t0 = time.perf_counter()
             loops = ["neurofed"] + (["plain"] if args.plain == "all" or (args.plain == "best" and label in best) else [])
-            for loop in loops:
-                try:
-                    if loop == "neurofed":
-                        r = run_neurofed(dm, args, precision, cl, comp, bs, root)
-                    else:
-                        r = run_plain(dm, args, precision, cl, comp, bs)
-                except Exception as exc:  # one failing variant must not hide the others
-                    print(f"{label} / {loop}: FAILED: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                rows.append((label, r))
-                print(f"  {label:<22} {loop:<8} {r.vol_s:7.1f} vol/s  data-wait {fmt_pct(r.wait_share):>6}  "
-                      f"peak {r.peak_gib:.2f} GiB {r.peak_kind}", flush=True)
+            modes = {"both": ["stream", "resident"], "stream": ["stream"], "resident": ["resident"]}[args.data]
+            if args.sweep and args.data == "resident" and label == streamed_pair:
+                modes = ["stream", "resident"]
+            for data in modes:
+                for loop in loops:
+                    try:
+                        if loop == "neurofed":
+                            r = run_neurofed(datamodules[data], args, precision, cl, comp, bs, root)
+                        else:
+                            r = run_plain(datamodules[data], args, precision, cl, comp, bs, data == "resident")
+                    except Exception as exc:  # one failing variant must not hide the others
+                        print(f"{label} / {data} / {loop}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+                        continue
+                    rows.append((label, r))
+                    print(f"  {label:<22} {data:<8} {loop:<8} {r.vol_s:7.1f} vol/s  data-wait "
+                          f"{fmt_pct(r.wait_share):>6}  peak {r.peak_gib:.2f} GiB {r.peak_kind}  "
+                          f"(start {r.start_gib:.2f})", flush=True)
             print(f"  ({label}: {time.perf_counter() - t0:.0f} s wall)", flush=True)
 
     print()
@@ -512,6 +609,10 @@ def main(argv: list[str] | None = None) -> None:
     verdicts(rows)
     if args.device == "cpu":
         print("peak is the process's RSS high-water mark (monotone over the run), not per variant")
+    else:
+        print("peak GiB: timed epochs only; warm-up peak: the first epoch (cuDNN autotuning, compile); start GiB: "
+              "memory already allocated when the variant began (resident scans of both loops), so peak - start is "
+              "the variant's own training memory")
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ def size_args(args: argparse.Namespace) -> list[str]:
         "--data.cache_dir", str(args.out / "cache"),
         "--trainer.default_root_dir", str(args.out / "runs"), "--trainer.enable_progress_bar", "false",
         "--trainer.precision", args.precision, "--trainer.accelerator", args.accelerator,
+        "--trainer.compile", str(args.compile).lower(), "--data.resident", str(args.resident).lower(),
         "--trainer.rounds", str(args.rounds), "--trainer.patience", str(args.patience),
         "--trainer.lr_plateau_patience", str(max(2, args.patience // 2)),
     ]
@@ -115,14 +116,14 @@ def main() -> None:
     # CPU default vs the study's size on a GPU.
     if args.full:
         defaults = dict(scale=1.0, resolution=1.0, spacing=1.0, shape=[160, 192, 160], channels=[32, 64, 128, 256, 256, 64],
-                        dropout=0.5, loss="kl", lr=1e-3, batch_size=16, num_workers=8, precision="bf16-mixed",
-                        accelerator="cuda", channels_last=True, rounds=40, patience=8)
+                        dropout=0.5, loss="kl", lr=1e-3, batch_size=8, num_workers=8, precision="bf16-mixed",
+                        accelerator="cuda", channels_last=True, compile=True, resident=True, rounds=40, patience=8)
     else:
         # 4 mm input and four pooling blocks: the last feature map stays 3x3x3 (with five blocks it would
         # be 1x1x1 and BatchNorm would normalise across the subjects of a batch).
         defaults = dict(scale=0.18, resolution=2.0, spacing=4.0, shape=[48, 56, 48], channels=[8, 16, 32, 64, 16],
                         dropout=0.2, loss="l1", lr=1e-3, batch_size=8, num_workers=0, precision="32-true",
-                        accelerator="cpu", channels_last=False, rounds=25, patience=8)
+                        accelerator="cpu", channels_last=False, compile=False, resident=False, rounds=25, patience=8)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

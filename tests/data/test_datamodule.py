@@ -80,7 +80,8 @@ def test_several_sites(tiny_sites, tmp_path):
     assert max(means) / min(means) < 10.0
 
 
-def test_lightning_trainer_calls_the_hook(tiny_bids, tmp_path):
+@pytest.mark.parametrize("resident", [False, True])
+def test_lightning_trainer_calls_the_hook(tiny_bids, tmp_path, resident):
     import lightning as L
 
     seen = []
@@ -99,5 +100,5 @@ def test_lightning_trainer_calls_the_hook(tiny_bids, tmp_path):
 
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(Probe(), datamodule=_dm(str(tiny_bids), tmp_path))
-    assert seen and all("augment" not in keys for keys in seen)
+    trainer.fit(Probe(), datamodule=_dm(str(tiny_bids), tmp_path, resident=resident))
+    assert seen and all("augment" not in keys and "volume" not in keys and "image" in keys for keys in seen)

@@ -4,9 +4,10 @@ from neurofed.data.augmentation import GPUAugment
 from neurofed.data.bids import ScanRecord, dataset_name, index_bids
 from neurofed.data.cache import VolumeCache, default_cache_dir, file_digest
 from neurofed.data.datamodule import BrainMRIDataModule
-from neurofed.data.dataset import CachedVolumeDataset
+from neurofed.data.dataset import CachedVolumeDataset, ResidentVolumeDataset
 from neurofed.data.nifti import load_volume
 from neurofed.data.preprocessing import PreprocessConfig, preprocess
+from neurofed.data.resident import ResidentVolumes
 from neurofed.data.splits import split_subjects
 from neurofed.data.validation import DataIssue, NeurofedDataError, ValidationReport
 
@@ -17,6 +18,8 @@ __all__ = [
     "GPUAugment",
     "NeurofedDataError",
     "PreprocessConfig",
+    "ResidentVolumeDataset",
+    "ResidentVolumes",
     "ScanRecord",
     "ValidationReport",
     "VolumeCache",

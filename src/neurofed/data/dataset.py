@@ -1,4 +1,4 @@
-"""Map-style dataset reading preprocessed volumes from the cache."""
+"""Map-style datasets over preprocessed scans: read from the cache, or pointing into a resident store."""
 
 from __future__ import annotations
 
@@ -45,6 +45,37 @@ class CachedVolumeDataset(Dataset):
         array = np.load(self.files[index], mmap_mode="r")
         item = {
             "image": torch.from_numpy(np.array(array, dtype=np.float16)),
+            "target": torch.tensor(record.label, dtype=torch.float32),
+            "participant_id": record.participant_id,
+            "session": record.session,
+            "site": record.site,
+        }
+        if self.augment:
+            item["augment"] = torch.tensor(True)
+        return item
+
+
+class ResidentVolumeDataset(Dataset):
+    """Items like :class:`CachedVolumeDataset`'s with ``"volume"`` (a position in a
+    :class:`~neurofed.data.resident.ResidentVolumes` store) in place of ``"image"``.
+
+    Nothing heavy passes through the loader: the data module swaps the position for the scan on the device.
+    """
+
+    def __init__(self, records: Sequence[ScanRecord], positions: Sequence[int], augment: bool = False) -> None:
+        if len(records) != len(positions):
+            raise ValueError(f"{len(records)} records but {len(positions)} store positions")
+        self.records = list(records)
+        self.positions = [int(p) for p in positions]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        item = {
+            "volume": torch.tensor(self.positions[index], dtype=torch.long),
             "target": torch.tensor(record.label, dtype=torch.float32),
             "participant_id": record.participant_id,
             "session": record.session,
