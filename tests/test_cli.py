@@ -45,8 +45,9 @@ def test_fit_tests_best_model_and_writes_predictions(tmp_path, tiny_sites, capsy
     assert (tmp_path / "runs" / "brain_age_cpu" / "config-fit.yaml").is_file()
 
 
-def test_predict_subcommand_writes_bids_derivatives(tmp_path, tiny_bids, capsys):
-    args = _tiny_args(tmp_path, [tiny_bids])
+@pytest.mark.parametrize("resident", ["false", "true"])
+def test_predict_subcommand_writes_bids_derivatives(tmp_path, tiny_bids, capsys, resident):
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--data.resident", resident]
     assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args, "--model.init_args.channels", "[2,2,2,2,2,2]"]) == 0
     ckpt = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "best.ckpt"
     table = tiny_bids / "derivatives" / "neurofed" / "desc-age_predictions.tsv"

@@ -54,3 +54,20 @@ def test_cpu_configs_run_end_to_end(tmp_path, tiny_bids):
         sdmt = _run(config, tmp_path, str(tiny_bids), "--model.init_args.brain_age_checkpoint", str(brain_age))
         assert sdmt.is_file()
     assert _run(str(REPO / "configs") + "/" + "federated_demo.yaml", tmp_path, str(tiny_bids), *tiny_channels).is_file()
+
+
+def test_gpu_configs_run_on_cpu_at_tiny_size(tmp_path, tiny_bids):
+    """The GPU configs as shipped (resident scans included), with only size, device and compile overridden:
+    brain_age -> its checkpoint -> sdmt_deep and sdmt_shallow; federated_brain_age as a federation of one."""
+    cpu = ["--trainer.compile", "false"]
+    tiny_channels = ["--model.init_args.channels", "[2,2,2,2,2,2]"]
+    brain_age = _run(str(REPO / "configs" / "brain_age.yaml"), tmp_path, str(tiny_bids), *cpu, *tiny_channels)
+    assert brain_age.is_file()
+    for name in ("sdmt_deep.yaml", "sdmt_shallow.yaml"):
+        sdmt = _run(str(REPO / "configs" / name), tmp_path, str(tiny_bids), *cpu,
+                    "--model.init_args.brain_age_checkpoint", str(brain_age))
+        assert sdmt.is_file()
+    federated = _run(str(REPO / "configs" / "federated_brain_age.yaml"), tmp_path, str(tiny_bids), *cpu, *tiny_channels)
+    assert federated.is_file()
+    assert all(yaml.safe_load((REPO / "configs" / n).read_text())["data"]["resident"]
+               for n in ("brain_age.yaml", "federated_brain_age.yaml", "sdmt_deep.yaml", "sdmt_shallow.yaml"))

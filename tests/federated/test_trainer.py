@@ -36,29 +36,33 @@ class SnapshotTrainer(FederatedTrainer):
         return loss
 
 
-def _site_process(rank: int, n: int, port: int, root: str, strategy: str, rounds: int) -> None:
+def _site_process(rank: int, n: int, port: int, root: str, strategy: str, rounds: int,
+                  sites_per_round: int | None = None) -> None:
     quiet_process()
     L.seed_everything(100 + rank)  # different initialisations: the trainer must start all from site 0's
     model = ToyRegressor()
     data = site_data(rank)
     trainer = SnapshotTrainer(
         rounds=rounds, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root,
-        strategy=FedBN() if strategy == "fedbn" else FedAvg(),
+        strategy=FedBN() if strategy == "fedbn" else FedAvg(), sites_per_round=sites_per_round,
         federation=Federation(port=port, site_rank=rank, num_sites=n, timeout_s=60),
     )
     trainer.fit(model, data)
+    fitted = state_of(model)  # the last round's global model; test() loads the best round's
     results = trainer.test(model, data)
     trainer.close()
     torch.save(
-        {"local": trainer.local_states[-1], "final": state_of(model), "n_train": data.n_train, "test": results,
-         "keys": trainer.strategy.aggregated_keys(model.state_dict(), model)},
+        {"local": trainer.local_states[-1] if trainer.local_states else None, "final": state_of(model), "fitted": fitted,
+         "n_train": data.n_train, "test": results, "keys": trainer.strategy.aggregated_keys(model.state_dict(), model),
+         "trained_rounds": len(trainer.local_states), "sampled": [h["sampled"] for h in trainer.history],
+         "draws": [trainer._sampled_sites(r) for r in range(rounds)]},
         Path(root) / f"result-{rank}.pt",
     )
 
 
-def _run_federation(tmp_path: Path, n: int, strategy: str, rounds: int) -> list[dict]:
+def _run_federation(tmp_path: Path, n: int, strategy: str, rounds: int, sites_per_round: int | None = None) -> list[dict]:
     port = free_port()
-    run_processes(_site_process, [(k, n, port, str(tmp_path), strategy, rounds) for k in range(n)])
+    run_processes(_site_process, [(k, n, port, str(tmp_path), strategy, rounds, sites_per_round) for k in range(n)])
     return [torch.load(tmp_path / f"result-{k}.pt", weights_only=False) for k in range(n)]
 
 
@@ -84,6 +88,23 @@ def test_fedavg_sites_end_with_the_weighted_mean_of_their_local_models(tmp_path)
     assert set(table) == {"toy0", "toy1", "toy2", "pooled"}
     assert table["pooled"]["n"] == sum(table[s]["n"] for s in ("toy0", "toy1", "toy2"))
     assert sites[2]["test"] == table
+
+
+def test_sites_left_out_of_a_round_do_not_train_and_do_not_count_in_its_mean(tmp_path):
+    sites = _run_federation(tmp_path, 3, "fedavg", rounds=2, sites_per_round=2)
+    draws = sites[0]["draws"]
+    assert all(s["draws"] == draws for s in sites) and all(len(d) == 2 for d in draws)
+    for k, s in enumerate(sites):
+        assert s["sampled"] == [float(k in d) for d in draws]
+        assert s["trained_rounds"] == sum(k in d for d in draws)
+    last = sorted(draws[-1])
+    weights = torch.tensor([float(sites[k]["n_train"]) for k in last], dtype=torch.float64)
+    for key in sites[0]["keys"]:
+        for s in sites[1:]:
+            assert torch.equal(s["fitted"][key], sites[0]["fitted"][key]), key
+        stacked = torch.stack([sites[k]["local"][key].double() for k in last])
+        expected = (stacked * weights.view(-1, *[1] * (stacked.dim() - 1))).sum(0) / weights.sum()
+        torch.testing.assert_close(sites[0]["fitted"][key].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fedbn_keeps_batch_norm_local_and_shares_the_rest(tmp_path):
