@@ -2,7 +2,8 @@
 # One prepared GPU check, run once on a GPU machine from the repo root:
 #   (a) write synthetic 1 mm BIDS sites and fill the fp16 cache once (all cores),
 #   (b) local_epoch.py --sweep: neurofed's local epoch on DESIGN.md's anchor variants with resident scans
-#       (+ plain-loop pairs, and bf16+cl b8 streamed through loader workers for comparison),
+#       (+ plain-loop pairs, and bf16+cl b8 streamed through loader workers for comparison), then a sync
+#       audit: how often a training step makes the host wait for the GPU, by source line,
 #   (c) federated_gpu.py: a two-site bf16 federation on the one GPU (resident scans), 3 rounds, then the test
 #       table.
 # Why one script: device time is scarce, so every step has its own `timeout`, a failing step does not stop
@@ -23,7 +24,7 @@ if [ "$SMOKE" = 0 ]; then
   DATA=/tmp/neurofed-gpu-check
   LOCAL=(--device cuda --size 160 192 160 --volumes 64 --subjects 256 --num-workers 8)
   FED=(--device cuda --size 160 192 160 --volumes 48 --subjects 96 --num-workers 6 --rounds 3)
-  SWEEP=(--sweep --epochs 2)
+  SWEEP=(--sweep --epochs 2 --sync-audit)
 else
   PY=${PYTHON:-.venv/bin/python}
   OUT=${OUT:-/tmp/neurofed-gpu-check-smoke-out}
@@ -36,7 +37,7 @@ else
   export PYTHONPATH=$BLOCK:$PWD/src
   LOCAL=(--device cpu --size 32 32 32 --width 0.125 --volumes 4 --subjects 24 --num-workers 1)
   FED=(--device cpu --size 32 32 32 --width 0.125 --volumes 4 --subjects 12 --num-workers 0 --rounds 2 --resident)
-  SWEEP=(--epochs 1)
+  SWEEP=(--epochs 1 --sync-audit)
 fi
 
 mkdir -p "$OUT"

@@ -413,6 +413,46 @@ def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, bat
                   data="resident" if resident else "stream", start_gib=start, warmup_peak_gib=warmup_peak)
 
 
+def sync_audit(dm, args, root: Path, rounds: int = 2) -> None:
+    """Count the operations that make the host wait for the GPU during a short neurofed fit, by source line.
+
+    Why: one such wait per training step (a host read of a device value, a copy from pageable memory)
+    empties the GPU's queue, and the GPU then idles while Python queues the next step. Expected ones: a
+    few per round (the round's loss, validation sums, aggregation, checkpoints) and one per 50 steps
+    (the logged training loss). Anything proportional to the steps is a bug.
+    """
+    import torch
+
+    from neurofed.federated import FederatedTrainer
+    from neurofed.models import BrainAgeModule
+
+    if args.device != "cuda":
+        print("sync audit: CUDA only (torch.cuda.set_sync_debug_mode)")
+        return
+    dm.batch_size = args.batch_size
+    model = BrainAgeModule(channels=scaled_channels(args.width), channels_last=args.channels_last)
+    trainer = FederatedTrainer(rounds=rounds, local_epochs=1, precision=args.precision, accelerator="cuda",
+                               logger=False, enable_progress_bar=False, default_root_dir=str(root), run_name="sync-audit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(model, dm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    trainer.close()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    steps = sum(int(h.get("train/volumes", 0)) for h in trainer.history) // args.batch_size
+    where: dict[str, int] = {}
+    for w in syncs:
+        key = f"{Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    print(f"sync audit ({'resident' if dm.resident else 'stream'} data, {rounds} rounds, {steps} training steps): "
+          f"{len(syncs)} host waits on the GPU, {len(syncs) / max(steps, 1):.2f} per step")
+    for key, count in sorted(where.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {count:5d}  {key}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------
@@ -504,6 +544,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prep-workers", type=int, default=os.cpu_count() or 1,
                    help="processes that write and preprocess the synthetic scans (default: all cores)")
     p.add_argument("--prepare-only", action="store_true", help="write the site and fill the cache, then exit")
+    p.add_argument("--sync-audit", action="store_true",
+                   help="after the variants, count host waits on the GPU in a short neurofed fit, by source line (CUDA)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.size = tuple(args.size or (GPU_SIZE if gpu else CPU_SIZE))
@@ -603,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
                           f"{fmt_pct(r.wait_share):>6}  peak {r.peak_gib:.2f} GiB {r.peak_kind}  "
                           f"(start {r.start_gib:.2f})", flush=True)
             print(f"  ({label}: {time.perf_counter() - t0:.0f} s wall)", flush=True)
+
+        if args.sync_audit:
+            sync_audit(datamodules["resident" if args.data != "stream" else "stream"], args, root)
 
     print()
     print_table(rows, with_anchor=args.device == "cuda" and tuple(args.size) == GPU_SIZE and args.width == 1.0)

@@ -169,16 +169,16 @@ class BrainMRIDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.split_seed) if shuffle else None
-        # Resident items are a few numbers: worker processes and pinned memory would only add latency.
-        indices_only = isinstance(dataset, ResidentVolumeDataset)
-        workers = 0 if indices_only else self.num_workers
+        # Resident items are a few numbers: worker processes would only add latency. Pinned memory stays:
+        # a copy from pageable memory to the GPU waits for all queued work, even for a few bytes.
+        workers = 0 if isinstance(dataset, ResidentVolumeDataset) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available() and not indices_only,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             # A trailing training batch of one scan breaks BatchNorm (one value per channel); the shuffle
@@ -223,8 +223,8 @@ class BrainMRIDataModule(L.LightningDataModule):
             return batch
         batch = dict(batch)
         mask = torch.as_tensor(batch.pop("augment"), dtype=torch.bool, device=batch["image"].device)
-        if self.augment and bool(mask.any()):
+        if self.augment:
+            # No host-side look at the mask: reading a device tensor would stall the GPU every step.
             image = batch["image"]
-            augmented = self.augmenter(image)
-            batch["image"] = torch.where(mask.view(-1, 1, 1, 1, 1), augmented, image)
+            batch["image"] = torch.where(mask.view(-1, 1, 1, 1, 1), self.augmenter(image), image)
         return batch

@@ -44,9 +44,7 @@ class ResidentVolumes:
             raise ValueError("ResidentVolumes needs at least one cached scan")
         self.files = [Path(f) for f in files]
         self.max_device_fraction = float(max_device_fraction)
-        first = np.load(self.files[0], mmap_mode="r")
-        self.item_shape = tuple(first.shape)
-        self.dtype = first.dtype
+        self.item_shape = tuple(np.load(self.files[0], mmap_mode="r").shape)
         self._store: Tensor | None = None
         self._streaming_on: torch.device | None = None
 
@@ -55,8 +53,8 @@ class ResidentVolumes:
 
     @property
     def nbytes(self) -> int:
-        """Device memory the whole store takes."""
-        return len(self.files) * int(np.prod(self.item_shape)) * np.dtype(self.dtype).itemsize
+        """Device memory the whole store takes (fp16: two bytes a voxel)."""
+        return len(self.files) * int(np.prod(self.item_shape)) * 2
 
     @property
     def device(self) -> torch.device | None:

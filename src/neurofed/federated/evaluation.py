@@ -74,7 +74,7 @@ def evaluate_split(
                 batch = after_transfer(datamodule, batch, dataloader_idx)
                 out = getattr(module, step)(batch, i)
                 pred, target = out["pred"], out["target"]
-                n = torch.tensor([float(target.numel())], dtype=torch.float64, device=pred.device)
+                n = torch.full((1,), float(target.numel()), dtype=torch.float64, device=pred.device)
                 parts = [out["loss"].detach().double().reshape(1) * n, n,
                          RegressionStats.tensor_from_predictions(pred, target)]
                 if baseline is not None:

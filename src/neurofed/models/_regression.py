@@ -134,7 +134,7 @@ class RegressionModule(LightningModule):
             RegressionStats.tensor_from_predictions(pred, target),
             RegressionStats.tensor_from_predictions(baseline, target),
             (loss.double() * target.numel()).reshape(1),
-            torch.tensor([float(target.numel())], dtype=torch.float64, device=loss.device),
+            torch.full((1,), float(target.numel()), dtype=torch.float64, device=loss.device),  # a fill, not a copy
         ])
         stage_acc = self._accumulators.setdefault(stage, {})
         stage_acc[dataloader_idx] = stage_acc[dataloader_idx] + row if dataloader_idx in stage_acc else row

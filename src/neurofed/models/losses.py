@@ -33,8 +33,8 @@ def gaussian_soft_labels(target_age: torch.Tensor, bin_centers: torch.Tensor, si
     low, high = _edges(centers)
     age = target_age.to(device=centers.device, dtype=torch.float32).reshape(-1, 1)
     age = torch.minimum(torch.maximum(age, low[:1]), high[-1:])  # tensor bounds: no device sync
-    normal = torch.distributions.Normal(age, sigma)
-    mass = (normal.cdf(high) - normal.cdf(low)).clamp_min(0.0)
+    # The normal CDF directly: torch.distributions would validate its arguments on the host every step.
+    mass = (torch.special.ndtr((high - age) / sigma) - torch.special.ndtr((low - age) / sigma)).clamp_min(0.0)
     return mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
