@@ -72,3 +72,44 @@ def test_two_sites_of_two_ranks_end_identical_and_equal_to_the_site_mean(tmp_pat
     table = res[0, 0]["test"]
     assert table["pooled"]["n"] == 14 and table["toy0"]["n"] == 7 and table["toy1"]["n"] == 7
     assert all(res[key]["test"]["pooled"] == table["pooled"] for key in res)
+
+
+def _resident_rank_process(local_rank: int, site_port: int, fed_port: int, bids: str, root: str) -> None:
+    """One site of two DDP ranks on resident scans: each rank holds the store, the sampler splits the indices."""
+    from neurofed.data import BrainMRIDataModule
+    from neurofed.models import BrainAgeModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(site_port), WORLD_SIZE="2",
+                      LOCAL_RANK=str(local_rank), RANK=str(local_rank), NODE_RANK="0")
+    quiet_process()
+    L.seed_everything(0)
+    data = BrainMRIDataModule(bids, spacing=4.0, shape=(24, 28, 24), batch_size=2, resident=True,
+                              cache_dir=str(Path(root) / "cache"))
+    model = BrainAgeModule(channels=[2, 2, 2, 2, 2], dropout=0.0, loss="l1")
+    trainer = FederatedTrainer(
+        rounds=1, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
+        federation=Federation(port=fed_port, site_rank=0, num_sites=1, timeout_s=60),
+    )
+    trainer.fit(model, data)
+    results = trainer.test(model, data)
+    torch.save({"final": state_of(model), "test": results, "n_test": len(data.test_records[0]),
+                "store": len(data.volumes), "trained": trainer.history[0]["train/volumes"]},
+               Path(root) / f"resident-{local_rank}.pt")
+    trainer.close()
+
+
+def test_resident_scans_under_ddp_inside_a_site(tmp_path, tiny_bids):
+    from neurofed.data import BrainMRIDataModule
+
+    BrainMRIDataModule(str(tiny_bids), spacing=4.0, shape=(24, 28, 24), cache_dir=str(tmp_path / "cache")).prepare_data()
+    ports = [free_port(), free_port()]
+    run_processes(_resident_rank_process, [(r, ports[0], ports[1], str(tiny_bids), str(tmp_path)) for r in (0, 1)],
+                  timeout=180)
+    res = [torch.load(tmp_path / f"resident-{r}.pt", weights_only=False) for r in (0, 1)]
+    for k, v in res[0]["final"].items():
+        if v.is_floating_point():
+            assert torch.equal(res[1]["final"][k], v), k
+    assert res[0]["store"] == res[1]["store"] == 15  # every rank holds the whole site
+    assert res[0]["trained"] + res[1]["trained"] >= 8  # the ranks shared the epoch (9 training scans, batches of 2)
+    assert res[0]["test"]["pooled"]["n"] == res[0]["n_test"]  # each test scan counted once across the ranks
+    assert repr(res[1]["test"]) == repr(res[0]["test"])  # repr: NaN (r of a constant prediction) equals itself
