@@ -337,10 +337,10 @@ def run_plain(dm, args, precision: str, channels_last: bool, compile_: bool, bat
         order = torch.Generator().manual_seed(0)
 
         def resident_batches():
-            perm = torch.randperm(len(dataset), generator=order)
+            perm = torch.randperm(len(dataset), generator=order).to(device)  # one copy per epoch, not per step
             stop = trained_volumes(len(dataset), batch_size)
             for i in range(0, stop, batch_size):
-                index = perm[i:i + batch_size].to(device, non_blocking=True)
+                index = perm[i:i + batch_size]
                 yield {"image": images.index_select(0, index), "target": targets.index_select(0, index)}
 
         loader = None
