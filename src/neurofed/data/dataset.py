@@ -41,18 +41,8 @@ class CachedVolumeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
         array = np.load(self.files[index], mmap_mode="r")
-        item = {
-            "image": torch.from_numpy(np.array(array, dtype=np.float16)),
-            "target": torch.tensor(record.label, dtype=torch.float32),
-            "participant_id": record.participant_id,
-            "session": record.session,
-            "site": record.site,
-        }
-        if self.augment:
-            item["augment"] = torch.tensor(True)
-        return item
+        return record_item(self.records[index], self.augment, image=torch.from_numpy(np.array(array, dtype=np.float16)))
 
 
 class ResidentVolumeDataset(Dataset):
@@ -73,14 +63,19 @@ class ResidentVolumeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        item = {
-            "volume": torch.tensor(self.positions[index], dtype=torch.long),
-            "target": torch.tensor(record.label, dtype=torch.float32),
-            "participant_id": record.participant_id,
-            "session": record.session,
-            "site": record.site,
-        }
-        if self.augment:
-            item["augment"] = torch.tensor(True)
-        return item
+        volume = torch.tensor(self.positions[index], dtype=torch.long)
+        return record_item(self.records[index], self.augment, volume=volume)
+
+
+def record_item(record: ScanRecord, augment: bool, **scan: torch.Tensor) -> dict:
+    """One item of the batch format (docs/architecture.md): the scan (or its position), label and ids."""
+    item = {
+        **scan,
+        "target": torch.tensor(record.label, dtype=torch.float32),
+        "participant_id": record.participant_id,
+        "session": record.session,
+        "site": record.site,
+    }
+    if augment:
+        item["augment"] = torch.tensor(True)
+    return item
