@@ -218,3 +218,14 @@ def test_runs_under_fabric() -> None:
     assert logged["val/mae"] == pytest.approx(stats.compute()["mae"], rel=1e-5)
     assert logged["val/r"] == pytest.approx(stats.compute()["r"], rel=1e-4)
     assert module.last_epoch_metrics["val"]["mae"] == pytest.approx(stats.compute()["mae"], rel=1e-9)
+
+
+def test_channels_last_weights_and_the_strides_ddp_expects():
+    model = BrainAgeModule(channels=TINY, channels_last=True)
+    convs = [p for p in model.parameters() if p.dim() == 5]
+    wide = [p for p in convs if tuple(p.shape[2:]) != (1, 1, 1)]
+    pointwise = [p for p in convs if tuple(p.shape[2:]) == (1, 1, 1)]
+    assert wide and pointwise
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in wide)
+    # 1x1x1 kernels: the strides their gradients come back with, so DDP's bucket views match them
+    assert all(p.stride() == torch.empty(p.shape).stride() for p in pointwise)

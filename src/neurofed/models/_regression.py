@@ -59,6 +59,12 @@ class RegressionModule(LightningModule):
         """channels_last_3d makes cuDNN pick much faster 3-D kernels under bf16 (see DESIGN.md anchors)."""
         fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.to(memory_format=fmt)
+        if channels_last:
+            # A 1x1x1 kernel lies the same in memory either way, but its gradient comes back with contiguous
+            # strides and DDP, which compares strides, warns once per parameter. Use the gradient's strides.
+            for p in self.parameters():
+                if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
 
     def set_target_mean(self, value: float) -> None:
         """Mean training label: the L1 head's offset and the baseline prediction."""
