@@ -211,17 +211,16 @@ class BrainMRIDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         """On the device: swap resident positions for their scans, then augment batches carrying "augment"."""
-        if not isinstance(batch, dict):
+        if not isinstance(batch, dict) or not ("volume" in batch or "augment" in batch):
             return batch
+        batch = dict(batch)  # the caller's batch keeps its keys
         if "volume" in batch:
             if self.volumes is None:
                 raise RuntimeError("batch carries resident positions but this data module holds no scans; "
                                    "was it built with resident=True and set up?")
-            batch = dict(batch)
             batch["image"] = self.volumes.gather(batch.pop("volume"))
         if "augment" not in batch:
             return batch
-        batch = dict(batch)
         mask = torch.as_tensor(batch.pop("augment"), dtype=torch.bool, device=batch["image"].device)
         if self.augment:
             # No host-side look at the mask: reading a device tensor would stall the GPU every step.
