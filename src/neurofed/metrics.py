@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-__all__ = ["RegressionStats", "BiasCorrection", "format_table"]
+__all__ = ["BiasCorrection", "RegressionStats", "format_number", "format_table"]
 
 
 def _as_float64(values: Any) -> np.ndarray:
@@ -181,9 +181,10 @@ class BiasCorrection:
         return (pred - age) - (self.slope * age + self.intercept)
 
 
-def _fmt(value: Any, decimals: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
+def format_number(value: Any, decimals: int, missing: str = "nan") -> str:
+    """``value`` with ``decimals`` decimals; ``missing`` for None, NaN and infinities (tables and TSV files)."""
+    if value is None or not math.isfinite(float(value)):
+        return missing
     return f"{float(value):.{decimals}f}"
 
 
@@ -200,12 +201,12 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         body.append([
             str(site),
             str(int(m.get("n", 0))),
-            _fmt(m.get("mae"), 2),
-            _fmt(m.get("rmse"), 2),
-            _fmt(m.get("r"), 3),
-            _fmt(m.get("r2"), 3),
-            f"{_fmt(m.get('gap_mean'), 2)} ± {_fmt(m.get('gap_sd'), 2)}",
-        ] + ([_fmt(m.get("baseline_mae"), 2)] if baseline else []))
+            format_number(m.get("mae"), 2),
+            format_number(m.get("rmse"), 2),
+            format_number(m.get("r"), 3),
+            format_number(m.get("r2"), 3),
+            f"{format_number(m.get('gap_mean'), 2)} ± {format_number(m.get('gap_sd'), 2)}",
+        ] + ([format_number(m.get("baseline_mae"), 2)] if baseline else []))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

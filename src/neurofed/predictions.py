@@ -8,6 +8,7 @@ applied to every scan, so test-set gaps are never used to correct themselves.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -17,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from neurofed.metrics import BiasCorrection, RegressionStats
+from neurofed.atomic import atomic_write_text
+from neurofed.metrics import BiasCorrection, RegressionStats, format_number
 from neurofed.plots import scatter_true_vs_predicted
 
 log = logging.getLogger(__name__)
@@ -68,31 +70,24 @@ def fit_bias_correction(rows: Sequence[Mapping[str, Any]]) -> BiasCorrection | N
 
 
 def write_site_table(rows: Sequence[Mapping[str, Any]], path: Path, label: str) -> Path:
-    """Write one site's predictions atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write one site's predictions atomically."""
     columns = ["participant_id", "session", "split", label, "prediction", "gap", "gap_corrected"]
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow(
-                [
-                    r["participant_id"],
-                    r["session"] or "n/a",
-                    r["split"],
-                    _fmt(r["target"]),
-                    _fmt(r["prediction"]),
-                    _fmt(r["gap"]),
-                    _fmt(r["gap_corrected"]),
-                ]
-            )
-    os.replace(tmp, path)
-    return path
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    handle = io.StringIO()
+    writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(
+            [
+                r["participant_id"],
+                r["session"] or "n/a",
+                r["split"],
+                format_number(r["target"], 3, "n/a"),
+                format_number(r["prediction"], 3, "n/a"),
+                format_number(r["gap"], 3, "n/a"),
+                format_number(r["gap_corrected"], 3, "n/a"),
+            ]
+        )
+    return atomic_write_text(path, handle.getvalue())
 
 
 def write_predictions(outputs: Iterable[Mapping[str, Any]], datamodule: Any, model: Any = None) -> list[Path]:

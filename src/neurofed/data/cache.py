@@ -4,7 +4,7 @@ Decoding a ``.nii.gz`` and resampling costs ~0.3-1 s per volume, reading a
 cached fp16 ``.npy`` a few milliseconds. The key is the SHA-256 of the file
 *contents* (not the path or mtime) plus the preprocessing config key, so a
 renamed file is still a hit and an edited file is a miss. Entries are written
-to a temporary file and moved into place with ``os.replace``, so concurrent
+through :func:`neurofed.atomic.atomic_write` (temporary file, then ``os.replace``), so concurrent
 workers or an interrupted run never leave a half-written entry.
 """
 
@@ -14,7 +14,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -22,8 +21,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from neurofed.atomic import atomic_write
 from neurofed.data.bids import ScanRecord
-from neurofed.data.preprocessing import PathsLike, PreprocessConfig, as_path_list, preprocess
+from neurofed.data.preprocessing import (
+    PathsLike,
+    PreprocessConfig,
+    as_path_list,
+    preprocess,
+)
 from neurofed.data.validation import NeurofedDataError, ValidationReport
 
 log = logging.getLogger(__name__)
@@ -48,16 +53,7 @@ def file_digest(path: str | Path) -> str:
 def _build_entry(paths: list[Path], config: PreprocessConfig, target: Path) -> Path:
     """Preprocess and store atomically (runs in worker processes too)."""
     array = preprocess(paths, config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda fh: np.save(fh, array))
 
 
 def _init_worker() -> None:

@@ -1,53 +1,20 @@
-"""Crash-safe checkpoint files.
-
-A round checkpoint is rewritten every round; a crash or a full disk during ``torch.save`` must never
-leave a truncated file where the last good one was. We write to a temporary file in the same folder,
-fsync it and ``os.replace`` it over the target, which is atomic on POSIX and Windows.
-"""
+"""Reading checkpoints with errors that name the file; writing goes through :mod:`neurofed.atomic`."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from neurofed.atomic import atomic_save, atomic_write_text
 
 __all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing or cannot be read."""
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically; creates parent folders. Returns the path."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically; creates parent folders. Returns the path."""
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

@@ -21,9 +21,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from neurofed.data.synth import anatomy, intensity, lesions
-from neurofed.data.synth.demographics import ScanState, Subject, draw_subject, scan_state
+from neurofed.data.synth.demographics import (
+    ScanState,
+    Subject,
+    draw_subject,
+    scan_state,
+)
 from neurofed.data.synth.sites import COHORT_AGE_RANGE, COHORTS, SiteProfile, get_site
 from neurofed.data.synth.template import load_template
+from neurofed.metrics import format_number
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +103,6 @@ def synthesize_scan(subject: Subject, years: float, session_index: int, profile:
     return intensity.to_dtype(image, profile.dtype), affine
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.1f}"
-
-
 def _write_tsv(path: Path, rows: list[dict[str, str]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
@@ -109,9 +111,9 @@ def _write_tsv(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def _clinical(state: ScanState, cohort: str) -> dict[str, str]:
-    row = {"sdmt": _fmt(state.sdmt)}
+    row = {"sdmt": format_number(state.sdmt, 1)}
     if cohort == "ms":
-        row |= {"lesion_ml": f"{state.lesion_ml:.2f}", "disease_duration": _fmt(state.duration)}
+        row |= {"lesion_ml": f"{state.lesion_ml:.2f}", "disease_duration": format_number(state.duration, 1)}
     return row
 
 
@@ -166,7 +168,7 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
         subject = draw_subject(rng, pid, cohort, age_range)
         followup = float(rng.uniform(1.0, 3.0))
         first = scan_state(subject, 0.0)
-        participants.append({"participant_id": pid, "age": _fmt(subject.age), "sex": subject.sex}
+        participants.append({"participant_id": pid, "age": format_number(subject.age, 1), "sex": subject.sex}
                             | _clinical(first, cohort))
         if i in longitudinal:
             rows = []
@@ -175,7 +177,7 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
                 ses = f"ses-{k}"
                 write_nifti(site_dir / pid / ses / "anat" / f"{pid}_{ses}_T1w.nii.gz", data, affine)
                 state = scan_state(subject, years)
-                rows.append({"session_id": ses, "age": _fmt(state.age)} | _clinical(state, cohort))
+                rows.append({"session_id": ses, "age": format_number(state.age, 1)} | _clinical(state, cohort))
             _write_tsv(site_dir / pid / f"{pid}_sessions.tsv", rows)
         else:
             data, affine = synthesize_scan(subject, 0.0, 0, profile, resolution)

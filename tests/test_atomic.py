@@ -1,12 +1,12 @@
-"""Atomic checkpoint writes survive a crash mid-write."""
+"""Atomic writes survive a crash mid-write; checkpoint reads name the file."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from neurofed.federated import checkpoint_io
-from neurofed.federated.checkpoint_io import CheckpointError, atomic_save, atomic_write_text, load
+from neurofed.atomic import atomic_save, atomic_write_text
+from neurofed.federated.checkpoint_io import CheckpointError, load
 
 
 def test_save_and_load_round_trip_creates_parents(tmp_path) -> None:
@@ -28,7 +28,7 @@ def test_crash_mid_write_keeps_previous_file_and_no_temp(tmp_path, monkeypatch) 
         f.write(b"PARTIAL" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         atomic_save({"round": 2}, path)
     assert path.read_bytes() == before
