@@ -26,7 +26,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_epoch import GPU_SIZE, SiteSpec, fmt_pct, make_datamodule, prepare_site, scaled_channels  # noqa: E402
+from local_epoch import (  # noqa: E402
+    GPU_SIZE,
+    SiteSpec,
+    fmt_pct,
+    make_datamodule,
+    prepare_site,
+    scaled_channels,
+)
 
 SITES = (  # scanner-like differences: contrast and age range
     dict(name="siteA", seed=11, contrast=1.0, age_range=(20.0, 86.0)),
@@ -138,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
             if r >= len(res["history"]):
                 continue
             h = res["history"][r]
-            vols = h.get("train/volumes", _trained(res["n_train"], args.batch_size))
+            vols = h.get("train/site/volumes", _trained(res["n_train"], args.batch_size))
             wait = h.get("time/data_wait_s")
             body.append([str(r), res["name"], str(int(vols)), f"{h['time/train_s']:.2f}", f"{vols / h['time/train_s']:.1f}",
                          "n/a" if wait is None else fmt_pct(wait / h["time/train_s"]),
-                         f"{h['time/aggregate_s']:.3f}", f"{h['time/validate_s']:.2f}", f"{h['val/mae']:.2f}"])
+                         f"{h['time/aggregate_s']:.3f}", f"{h['time/validate_s']:.2f}", f"{h['val/pooled/mae']:.2f}"])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     line = lambda c: " | ".join([c[0].rjust(widths[0]), c[1].ljust(widths[1])] + [x.rjust(w) for x, w in zip(c[2:], widths[2:])])  # noqa: E731
     print(line(header))

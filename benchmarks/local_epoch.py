@@ -245,27 +245,26 @@ def fresh_compile_state() -> None:
             setattr(torch._dynamo.config, name, 64)
 
 
-def steady_peak_trainer():
-    """A FederatedTrainer that keeps the warm-up round's peak GPU memory apart from the timed rounds'.
+def steady_peak_hook():
+    """A round hook that keeps the warm-up round's peak GPU memory apart from the timed rounds'.
 
     Why: the first round autotunes cuDNN (trying kernels with large workspaces) and compiles; its transient
     peak says nothing about the memory training needs, which is what a site sizing its batch wants to know.
     """
     import torch
 
-    from neurofed.federated import FederatedTrainer
+    class SteadyPeak:
+        """Round hook: the peak of the warm-up round, then a fresh peak counter for the timed rounds."""
 
-    class SteadyPeakTrainer(FederatedTrainer):
         warmup_peak_gib = math.nan
 
-        def _run_round(self, r, *args, **kwargs):
-            if r == 1 and torch.cuda.is_available():
+        def on_round_start(self, trainer, round) -> None:
+            if round == 1 and torch.cuda.is_available():
                 torch.cuda.synchronize()
                 self.warmup_peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
-            return super()._run_round(r, *args, **kwargs)
 
-    return SteadyPeakTrainer
+    return SteadyPeak()
 
 
 def trained_volumes(n_train: int, batch_size: int) -> int:
@@ -288,21 +287,24 @@ def run_neurofed(dm, args, precision: str, channels_last: bool, compile_: bool, 
     fresh_compile_state()
     torch.manual_seed(0)
     model = BrainAgeModule(channels=scaled_channels(args.width), channels_last=channels_last)
-    trainer = steady_peak_trainer()(
-        rounds=args.epochs + 1, local_epochs=1, precision=precision, accelerator=args.device, compile=compile_,
-        logger=False, enable_progress_bar=False, default_root_dir=str(root), run_name="local-epoch",
+    from neurofed.federated import FederatedTrainer
+
+    steady = steady_peak_hook()
+    trainer = FederatedTrainer(
+        callbacks=[steady], rounds=args.epochs + 1, local_epochs=1, precision=precision, accelerator=args.device,
+        compile=compile_, logger=False, enable_progress_bar=False, default_root_dir=str(root), run_name="local-epoch",
     )
     trainer.fit(model, dm)
     trainer.close()
     peak, kind = peak_memory(args.device)
-    trainer_warmup_peak = trainer.warmup_peak_gib
+    trainer_warmup_peak = steady.warmup_peak_gib
     measured = trainer.history[1:]
     n_train = len(dm.train_records)
-    volumes = sum(h.get("train/volumes", trained_volumes(n_train, batch_size)) for h in measured)
+    volumes = sum(h.get("train/site/volumes", trained_volumes(n_train, batch_size)) for h in measured)
     train_s = sum(h["time/train_s"] for h in measured)
     waits = [h.get("time/data_wait_s") for h in measured]
     wait = sum(waits) / train_s if all(w is not None for w in waits) else math.nan
-    note = "" if "train/volumes" in measured[0] else "volumes from split size"
+    note = "" if "train/site/volumes" in measured[0] else "volumes from split size"
     if math.isnan(wait):
         note = "; ".join(filter(None, [note, "trainer reports no time/data_wait_s"]))
     del trainer, model
@@ -442,7 +444,7 @@ def sync_audit(dm, args, root: Path, rounds: int = 2) -> None:
             torch.cuda.set_sync_debug_mode("default")
     trainer.close()
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    steps = sum(int(h.get("train/volumes", 0)) for h in trainer.history) // args.batch_size
+    steps = sum(int(h.get("train/site/volumes", 0)) for h in trainer.history) // args.batch_size
     where: dict[str, int] = {}
     for w in syncs:
         key = f"{Path(w.filename).name}:{w.lineno}"

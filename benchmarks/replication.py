@@ -222,7 +222,7 @@ def write_outputs(args: argparse.Namespace, runs: dict[str, dict], timings: dict
     for run_dir in sorted((args.out / "runs").iterdir()):
         history = run_dir / "history.json"
         if history.is_file() and not run_dir.name.startswith("sdmt"):
-            curves[run_dir.name] = [row["val/loss"] for row in json.loads(history.read_text())]
+            curves[run_dir.name] = [row["val/pooled/loss"] for row in json.loads(history.read_text())]
     if curves:
         loss_per_round(curves, args.out / "brain_age_val_loss.png", ylabel="pooled validation loss (L1, years)")
     print("\n".join(md))

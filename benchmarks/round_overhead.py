@@ -18,7 +18,6 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import time
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from neurofed.federated.simulate import free_port
 
 
 class RandomVolumes(Dataset):
@@ -58,15 +59,9 @@ class RandomSite(L.LightningDataModule):
         return DataLoader(self.val, batch_size=self.batch_size)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def site_process(rank: int, n_sites: int, port: int, cfg: dict, queue) -> None:
     """One site: build the model and data, fit, and report per-round timings and peak memory."""
-    from neurofed.federated import Federation, FederatedTrainer
+    from neurofed.federated import FederatedTrainer, Federation
     from neurofed.models import BrainAgeModule
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_sites) if cfg["accelerator"] == "cpu" else 4)

@@ -85,7 +85,7 @@ class NeurofedCLI(LightningCLI):
         if self.trainer.is_global_leader and self.trainer.history:
             from neurofed.plots import loss_per_round
 
-            curve = [row["val/loss"] for row in self.trainer.history]
+            curve = [row["val/pooled/loss"] for row in self.trainer.history]
             written.append(loss_per_round({"pooled validation loss": curve}, self.trainer.run_dir / "val_loss.png"))
         if self.trainer.is_site_leader:
             print(f"best global model: {self.trainer.best_model_path}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-__all__ = ["BiasCorrection", "RegressionStats", "format_number", "format_table"]
+__all__ = ["BiasCorrection", "RegressionStats", "SplitStats", "format_number", "format_table"]
 
 
 def _as_float64(values: Any) -> np.ndarray:
@@ -150,6 +150,67 @@ class RegressionStats:
             else:
                 t = r * math.sqrt(df / (1.0 - r * r))
                 out["p"] = float(2.0 * scipy_stats.t.sf(abs(t), df))
+        return out
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    """What one split (a site's validation or test scans) reduces to: the one accumulator of neurofed.
+
+    ``loss`` holds ``[loss sum, example count]``, ``model`` the :class:`RegressionStats` sums of the
+    predictions and ``baseline`` those of predicting the training mean for every scan (``None`` for a model
+    without one). All are float64 tensors, summed batch by batch on the device (:meth:`batch`, no host
+    read) and added across a site's processes and across sites; :meth:`compute` turns them into metrics.
+    LightningModules use it under Lightning's ``Trainer`` and the federated evaluation uses it too, so a
+    metric means the same thing on both paths.
+    """
+
+    loss: torch.Tensor
+    model: torch.Tensor
+    baseline: torch.Tensor | None = None
+
+    #: Width of :meth:`batch`'s row: loss sum, count, the model's sums, the baseline's sums.
+    WIDTH = 2 + 2 * len(RegressionStats.FIELDS)
+
+    @staticmethod
+    def batch(loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+              baseline: torch.Tensor | float | None = None) -> torch.Tensor:
+        """One batch as a ``[WIDTH]`` float64 row on the batch's device; rows add up over batches.
+
+        ``loss`` is the batch's mean loss; ``baseline`` the constant (training-mean) prediction, or None
+        (its sums are then zeros).
+        """
+        n = torch.full((1,), float(target.numel()), dtype=torch.float64, device=pred.device)  # a fill, not a copy
+        if baseline is None:
+            base = torch.zeros(len(RegressionStats.FIELDS), dtype=torch.float64, device=pred.device)
+        else:
+            constant = baseline.expand_as(pred) if isinstance(baseline, torch.Tensor) else torch.full_like(pred, baseline)
+            base = RegressionStats.tensor_from_predictions(constant, target)
+        return torch.cat([loss.detach().double().reshape(1) * n, n,
+                          RegressionStats.tensor_from_predictions(pred, target), base])
+
+    @classmethod
+    def from_row(cls, row: torch.Tensor | None, with_baseline: bool) -> SplitStats:
+        """Split a summed row of :meth:`batch` (CPU float64; ``None`` for a split without scans: zeros)."""
+        if row is None:
+            row = torch.zeros(cls.WIDTH, dtype=torch.float64)
+        n = len(RegressionStats.FIELDS)
+        return cls(row[0:2], row[2:2 + n], row[2 + n:] if with_baseline else None)
+
+    def __add__(self, other: SplitStats) -> SplitStats:
+        base = None if self.baseline is None or other.baseline is None else self.baseline + other.baseline
+        return SplitStats(self.loss + other.loss, self.model + other.model, base)
+
+    @property
+    def count(self) -> float:
+        return float(self.loss[1])
+
+    def compute(self) -> dict[str, float]:
+        """The model's metrics (:meth:`RegressionStats.compute`), its mean ``loss`` and ``baseline_mae``."""
+        out = RegressionStats.from_tensor(self.model).compute()
+        out["loss"] = float(self.loss[0] / self.loss[1]) if self.count > 0 else math.nan
+        if self.baseline is not None:
+            out["baseline_mae"] = RegressionStats.from_tensor(self.baseline).compute()["mae"]
         return out
 
 

@@ -6,20 +6,25 @@ exercised exactly as with the real models, in well under a second per round.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import lightning as L
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from neurofed.federated.simulate import free_port  # noqa: F401 - one free_port for every test
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+class LocalSnapshots:
+    """A round hook keeping a copy of the site's model right after local training (before aggregation)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_local_train_end(self, trainer, round, result) -> None:
+        if result.steps:
+            self.states.append(state_of(trainer.site.model))
 
 
 class ToyRegressor(L.LightningModule):

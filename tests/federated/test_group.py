@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import time
 
 import pytest
 import torch
 
-from neurofed.federated.group import FederationGroup, FederationTimeoutError, LocalGroup, RecordingGroup
+from neurofed.federated.group import (
+    FederationGroup,
+    FederationTimeoutError,
+    LocalGroup,
+    RecordingGroup,
+)
+from neurofed.federated.simulate import free_port as _free_port
 from neurofed.federated.wire import FederationPayloadError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _site(port: int, rank: int, n: int, queue, leave_early: bool) -> None:

@@ -64,16 +64,16 @@ def test_tables_use_the_dataset_name_and_carry_the_mean_prediction_baseline(run,
 def test_round_metrics_report_baseline_volumes_and_data_wait(run):
     trainer, _, data, _, _ = run
     for h in trainer.history:
-        assert h["train/volumes"] == data.n_train  # one local epoch over the site's training split
+        assert h["train/site/volumes"] == data.n_train  # one local epoch over the site's training split
         assert 0.0 <= h["time/data_wait_s"] <= h["time/train_s"]
-        assert math.isfinite(h["val/baseline_mae"]) and h["val/baseline_mae"] > 0
+        assert math.isfinite(h["val/pooled/baseline_mae"]) and h["val/pooled/baseline_mae"] > 0
 
 
 def test_results_are_written_as_strict_json(run):
     trainer, _, _, tested, validated = run
     history = read_json(trainer.run_dir / "history.json")
-    assert len(history) == 2 and history[1]["round"] == 1.0
-    assert history[0]["val/baseline_mae"] == pytest.approx(trainer.history[0]["val/baseline_mae"])
+    assert len(history) == 2 and history[1]["round"] == 2.0
+    assert history[0]["val/pooled/baseline_mae"] == pytest.approx(trainer.history[0]["val/pooled/baseline_mae"])
     test_json = read_json(trainer.run_dir / "test_metrics.json")
     assert set(test_json) == {"ixi", "pooled"} and set(test_json["pooled"]) == FIELDS
     assert test_json["pooled"]["mae"] == pytest.approx(tested["pooled"]["mae"])

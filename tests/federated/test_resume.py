@@ -19,7 +19,7 @@ def _fit(tmp_path, run_name: str, rounds: int, strategy_cls, ckpt_path: str | No
     trainer = FederatedTrainer(rounds=rounds, strategy=strategy, accelerator="cpu", enable_progress_bar=False,
                                default_root_dir=str(tmp_path), run_name=run_name, lr_plateau_patience=1)
     trainer.fit(model, site_data(0), ckpt_path=ckpt_path)
-    optimizer = trainer._modules[id(model)][1]
+    optimizer = trainer.site.optimizer
     return model, trainer, optimizer
 
 
@@ -30,7 +30,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, strategy_cls)
     torch.manual_seed(12345)  # disturb the global RNG: the resumed run must not depend on it
     resumed, resumed_trainer, resumed_opt = _fit(tmp_path, "split", 4, strategy_cls, ckpt_path="last")
 
-    assert [h["round"] for h in resumed_trainer.history] == [2.0, 3.0]
+    assert [h["round"] for h in resumed_trainer.history] == [3.0, 4.0]
     assert_identical(state_of(full), state_of(resumed))
     a, b = full_opt.state_dict(), resumed_opt.state_dict()
     assert a["param_groups"] == b["param_groups"]
@@ -42,7 +42,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, strategy_cls)
         assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k]
     assert full_trainer.state == resumed_trainer.state
     for h_full, h_res in zip(full_trainer.history[2:], resumed_trainer.history):
-        assert h_full["val/loss"] == h_res["val/loss"] and h_full["train/loss"] == h_res["train/loss"]
+        assert h_full["val/pooled/loss"] == h_res["val/pooled/loss"] and h_full["train/site/loss"] == h_res["train/site/loss"]
 
     # what the round file holds: global weights, strategy state, counters, lr, sampling rule
     shared = load(tmp_path / "split" / "round-last.pt")
@@ -54,8 +54,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, strategy_cls)
 
     # history.json keeps the rounds run before the interruption, then the resumed ones
     history = read_json(tmp_path / "split" / "history.json")
-    assert [h["round"] for h in history] == [0.0, 1.0, 2.0, 3.0]
-    assert [h["val/loss"] for h in history] == [h["val/loss"] for h in full_trainer.history]
+    assert [h["round"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    assert [h["val/pooled/loss"] for h in history] == [h["val/pooled/loss"] for h in full_trainer.history]
 
 
 def test_resume_refuses_mismatched_files(tmp_path):

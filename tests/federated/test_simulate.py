@@ -44,7 +44,7 @@ TOY_SITE = textwrap.dedent(
                                default_root_dir=value("--data.root"), logger=False)
     model = ToyRegressor()
     trainer.fit(model, site_data(rank))
-    print("final val loss", trainer.history[-1]["val/loss"])
+    print("final val loss", trainer.history[-1]["val/pooled/loss"])
     """
 )
 

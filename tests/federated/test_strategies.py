@@ -1,69 +1,104 @@
-"""Aggregation rules against numbers worked out by hand."""
+"""Every aggregation rule against an independent numpy implementation, run at several sites at once."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from threaded_sites import run_rule
 from torch import nn
 
+from neurofed.federated.collectives import NoContributionError
 from neurofed.federated.params import flatten, float_keys
-from neurofed.federated.strategies import STRATEGIES, FedAdam, FedAvg, FedBN, FedProx, Strategy, weighted_mean
+from neurofed.federated.strategies import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedBN,
+    FedMedian,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
+
+RNG = np.random.default_rng(7)
+START = RNG.normal(size=6).astype(np.float32)
+# Two rounds at four sites with unequal example counts; in round 2 site 3 was not sampled (weight 0).
+PARAMS = [RNG.normal(size=(4, 6)).astype(np.float32), RNG.normal(size=(4, 6)).astype(np.float32)]
+COUNTS = [[12.0, 30.0, 7.0, 51.0], [12.0, 30.0, 7.0, 0.0]]
 
 
-def _tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1)
-    ).eval()
+def _run(make) -> list[np.ndarray]:
+    """The rule at four sites for both rounds; asserts every site agrees, returns each round's global vector."""
+    rounds = [([torch.from_numpy(p) for p in PARAMS[r]], COUNTS[r]) for r in range(2)]
+    results = run_rule(make, rounds, torch.from_numpy(START))
+    for per_site in results:
+        for other in per_site[1:]:
+            assert torch.equal(other, per_site[0])
+    return [per_site[0].numpy() for per_site in results]
 
 
-def _materialized() -> nn.Module:
-    model = _tiny_model()
-    model(torch.zeros(1, 1, 4, 4, 4))
-    return model
+def _mean(params: np.ndarray, weights: list[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    return (params.astype(np.float64) * w[:, None]).sum(0) / w.sum()
 
 
-def test_fedavg_weighted_and_unweighted_mean_of_three_sites() -> None:
-    vectors = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 6.0]), torch.tensor([5.0, -3.0])]
-    counts = [10, 30, 60]
-    weighted = FedAvg()
-    mean = weighted_mean(vectors, [weighted.site_weight(c) for c in counts])
-    # (10*1 + 30*3 + 60*5) / 100 = 4.0 ; (0 + 180 - 180) / 100 = 0.0
-    torch.testing.assert_close(mean, torch.tensor([4.0, 0.0]))
-    torch.testing.assert_close(weighted.server_update(torch.zeros(2), mean), mean)
-
-    plain = FedAvg(weighted=False)
-    mean = weighted_mean(vectors, [plain.site_weight(c) for c in counts])
-    torch.testing.assert_close(mean, torch.tensor([3.0, 1.0]))
-    assert mean.dtype == torch.float32
+def _fedopt_reference(second_moment, eta=0.05, b1=0.9, b2=0.99, tau=1e-3, bias_correction=False, weighted=True):
+    g, m, v, out = START.astype(np.float64), 0.0, 0.0, []
+    for t in (1, 2):
+        weights = COUNTS[t - 1] if weighted else [float(c > 0) for c in COUNTS[t - 1]]
+        delta = _mean(PARAMS[t - 1], weights) - g
+        m = b1 * m + (1 - b1) * delta
+        v = second_moment(v, delta**2, b2)
+        mh, vh = (m / (1 - b1**t), v / (1 - b2**t)) if bias_correction else (m, v)
+        g = g + eta * mh / (np.sqrt(vh) + tau)
+        out.append(g)
+    return out
 
 
-def test_weighted_mean_rejects_bad_weights() -> None:
-    with pytest.raises(ValueError):
-        weighted_mean([torch.zeros(2)], [0.0])
-    with pytest.raises(ValueError):
-        weighted_mean([torch.zeros(2), torch.zeros(2)], [1.0])
+ADAM = lambda v, d2, b2: b2 * v + (1 - b2) * d2  # noqa: E731
+YOGI = lambda v, d2, b2: v - (1 - b2) * d2 * np.sign(v - d2)  # noqa: E731
+ADAGRAD = lambda v, d2, b2: v + d2  # noqa: E731
 
 
-def test_fedadam_one_step_matches_hand_computation() -> None:
-    s = FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    new = s.server_update(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]))
-    # delta = [0.5, -1]; m = [0.05, -0.1]; v = [0.0025, 0.01]; sqrt(v) = [0.05, 0.1]
-    expected = torch.tensor([1.0 + 0.1 * 0.05 / 0.051, 2.0 - 0.1 * 0.1 / 0.101])
-    torch.testing.assert_close(new, expected)
-    torch.testing.assert_close(s.m, torch.tensor([0.05, -0.1]))
-    torch.testing.assert_close(s.v, torch.tensor([0.0025, 0.01]))
-    assert s.step == 1
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("rule", [FedAvg, FedProx, FedBN])
+def test_mean_rules_match_numpy(rule, weighted) -> None:
+    got = _run(lambda: rule(weighted=weighted))
+    for r in range(2):
+        weights = COUNTS[r] if weighted else [float(c > 0) for c in COUNTS[r]]
+        np.testing.assert_allclose(got[r], _mean(PARAMS[r], weights), rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize(("rule", "moment"), [(FedAdam, ADAM), (FedYogi, YOGI), (FedAdagrad, ADAGRAD)])
+def test_fedopt_family_matches_numpy_over_two_rounds(rule, moment, bias_correction) -> None:
+    got = _run(lambda: rule(eta=0.05, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=bias_correction))
+    for r, expected in enumerate(_fedopt_reference(moment, bias_correction=bias_correction)):
+        np.testing.assert_allclose(got[r], expected, rtol=0, atol=2e-6)
+
+
+def test_fedmedian_matches_numpy_and_ignores_unsampled_sites() -> None:
+    got = _run(FedMedian)
+    np.testing.assert_allclose(got[0], np.median(PARAMS[0], axis=0), rtol=0, atol=1e-7)  # 4 sites: even count
+    np.testing.assert_allclose(got[1], np.median(PARAMS[1][:3], axis=0), rtol=0, atol=1e-7)  # site 3 not sampled
+
+
+def test_no_contribution_is_an_error_not_a_nan_model() -> None:
+    rounds = [([torch.from_numpy(p) for p in PARAMS[0][:2]], [0.0, 0.0])]
+    for rule in (FedAvg, FedMedian):
+        with pytest.raises(NoContributionError, match="round 0"):
+            run_rule(rule, rounds, torch.from_numpy(START))
 
 
 def test_fedadam_state_dict_round_trip_continues_identically() -> None:
     a = FedAdam()
-    g = a.server_update(torch.zeros(3), torch.tensor([0.1, -0.2, 0.3]))
+    g = a.server_step(torch.zeros(3), torch.tensor([0.1, -0.2, 0.3]))
     b = FedAdam()
     b.load_state_dict(a.state_dict())
     assert b.step == 1
     mean2 = torch.tensor([0.3, 0.1, -0.4])
-    torch.testing.assert_close(a.server_update(g, mean2), b.server_update(g, mean2))
+    torch.testing.assert_close(a.server_step(g, mean2), b.server_step(g, mean2))
     assert a.state_dict()["step"] == b.state_dict()["step"] == 2
     with pytest.raises(ValueError):
         b.load_state_dict({"moments": 1})
@@ -90,6 +125,13 @@ def test_fedprox_skips_frozen_parameters_and_rejects_mismatched_names() -> None:
     torch.testing.assert_close(loss, (model.weight.detach() ** 2).sum())
     with pytest.raises(ValueError, match="global_params"):
         FedProx().local_loss(model, {"module.weight": torch.zeros(1, 2)})
+
+
+def _materialized() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1)).eval()
+    model(torch.zeros(1, 1, 4, 4, 4))
+    return model
 
 
 def test_base_aggregates_float_entries_but_never_integer_buffers() -> None:
@@ -120,13 +162,16 @@ def test_fedbn_name_heuristic_without_running_stats() -> None:
     assert FedBN().aggregated_keys(sd) == ["enc.conv.weight", "head.weight"]
 
 
-def test_registry_repr_and_stateless_strategies() -> None:
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedbn"}
-    assert all(issubclass(c, Strategy) for c in STRATEGIES.values())
+def test_repr_state_and_the_abstract_base() -> None:
     assert repr(FedProx(mu=0.1)) == "FedProx(mu=0.1, weighted=True)"
     assert "eta=0.01" in repr(FedAdam()) and "tau=0.001" in repr(FedAdam())
+    assert FedMedian.needs_individual_updates and not FedAvg.needs_individual_updates
     s = FedAvg()
     assert s.state_dict() == {} and s.local_loss(nn.Linear(1, 1), {}) is None
     s.load_state_dict({})
     with pytest.raises(ValueError):
         s.load_state_dict({"m": 1})
+    with pytest.raises(TypeError, match="abstract"):
+        Strategy()  # a rule without aggregate() cannot be built
+    with pytest.raises(ValueError, match="eta"):
+        FedYogi(eta=0)

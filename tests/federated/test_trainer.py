@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from federated_toys import (
+    LocalSnapshots,
     ToyRegressor,
     assert_identical,
     free_port,
@@ -19,21 +20,8 @@ from federated_toys import (
     state_of,
 )
 
-from neurofed.federated import FedAvg, FedBN, Federation, FederatedTrainer
+from neurofed.federated import FedAvg, FedBN, FederatedTrainer, Federation
 from neurofed.federated.group import FederationTimeoutError
-
-
-class SnapshotTrainer(FederatedTrainer):
-    """Keeps a copy of the model right after each round's local training (before aggregation)."""
-
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        self.local_states: list[dict[str, torch.Tensor]] = []
-
-    def _local_training(self, r, model, *args, **kw):
-        loss = super()._local_training(r, model, *args, **kw)
-        self.local_states.append(state_of(model))
-        return loss
 
 
 def _site_process(rank: int, n: int, port: int, root: str, strategy: str, rounds: int,
@@ -42,8 +30,9 @@ def _site_process(rank: int, n: int, port: int, root: str, strategy: str, rounds
     L.seed_everything(100 + rank)  # different initialisations: the trainer must start all from site 0's
     model = ToyRegressor()
     data = site_data(rank)
-    trainer = SnapshotTrainer(
-        rounds=rounds, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root,
+    snapshots = LocalSnapshots()
+    trainer = FederatedTrainer(
+        rounds=rounds, callbacks=[snapshots], accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root,
         strategy=FedBN() if strategy == "fedbn" else FedAvg(), sites_per_round=sites_per_round,
         federation=Federation(port=port, site_rank=rank, num_sites=n, timeout_s=60),
     )
@@ -52,10 +41,10 @@ def _site_process(rank: int, n: int, port: int, root: str, strategy: str, rounds
     results = trainer.test(model, data)
     trainer.close()
     torch.save(
-        {"local": trainer.local_states[-1] if trainer.local_states else None, "final": state_of(model), "fitted": fitted,
+        {"local": snapshots.states[-1] if snapshots.states else None, "final": state_of(model), "fitted": fitted,
          "n_train": data.n_train, "test": results, "keys": trainer.strategy.aggregated_keys(model.state_dict(), model),
-         "trained_rounds": len(trainer.local_states), "sampled": [h["sampled"] for h in trainer.history],
-         "draws": [trainer._sampled_sites(r) for r in range(rounds)]},
+         "trained_rounds": len(snapshots.states), "sampled": [h["sampled"] for h in trainer.history],
+         "draws": [trainer.sampled_sites(r) for r in range(rounds)]},
         Path(root) / f"result-{rank}.pt",
     )
 
@@ -134,8 +123,8 @@ def test_one_site_federation_equals_centralized_training(tmp_path):
     fed, fed_trainer = _fit_one_site(tmp_path, "rounds", rounds=3, local_epochs=1)
     central, central_trainer = _fit_one_site(tmp_path, "epochs", rounds=1, local_epochs=3)
     assert_identical(state_of(fed), state_of(central))
-    opt_a = fed_trainer._modules[id(fed)][1].state_dict()["state"]
-    opt_b = central_trainer._modules[id(central)][1].state_dict()["state"]
+    opt_a = fed_trainer.site.optimizer.state_dict()["state"]
+    opt_b = central_trainer.site.optimizer.state_dict()["state"]
     for i in opt_a:
         assert_identical(opt_a[i], opt_b[i])
     assert fed_trainer.global_step == central_trainer.global_step == 3 * 3  # 12 examples, batches of 4
@@ -153,7 +142,7 @@ def test_early_stopping_fires_when_validation_loss_cannot_improve(tmp_path):
                                default_root_dir=str(tmp_path))
     trainer.fit(model, site_data(0))
     assert len(trainer.history) == 2 and trainer.state.stopped
-    assert trainer.history[0]["val/loss"] == trainer.history[1]["val/loss"]
+    assert trainer.history[0]["val/pooled/loss"] == trainer.history[1]["val/pooled/loss"]
     assert trainer.state.best_round == 0
 
 
@@ -179,7 +168,7 @@ def test_test_predict_logging_and_lightning_best_checkpoint(tmp_path):
     # best.ckpt is a Lightning checkpoint of the lowest-validation-loss round
     best = tmp_path / "demo" / "best.ckpt"
     loaded = ToyRegressor.load_from_checkpoint(best)
-    expected_round = min(range(2), key=lambda r: trainer.history[r]["val/loss"])
+    expected_round = min(range(2), key=lambda r: trainer.history[r]["val/pooled/loss"])
     assert torch.load(best, weights_only=False)["epoch"] == expected_round
     results = trainer.test(model, data)  # evaluates the best model, one row per pooled root
     assert set(results) == {"toy00", "toy01", "pooled"}
@@ -193,7 +182,8 @@ def test_test_predict_logging_and_lightning_best_checkpoint(tmp_path):
 
     # round metrics and the module's own self.log calls reach the CSV logger
     csv = next((tmp_path / "demo" / "site-0").glob("version_*/metrics.csv")).read_text()
-    for column in ("val/loss", "val/mae", "time/aggregate_s", "bytes_sent", "train/loss", "test/pooled/mae"):
+    for column in ("val/site/loss", "val/pooled/loss", "val/pooled/mae", "time/aggregate_s", "bytes_sent",
+                   "train/site/loss", "train/loss", "test/pooled/mae"):
         assert column in csv.splitlines()[0], column
     # the pooled target mean was shared before the first round
     assert float(model.target_mean) == pytest.approx(float(data.train.targets.mean()), rel=1e-6)
@@ -216,7 +206,7 @@ def test_site_sampling_is_the_same_everywhere_and_changes_per_round():
     def draws(site_rank):
         trainer = FederatedTrainer(sites_per_round=2, logger=False,
                                    federation=Federation(site_rank=site_rank, num_sites=5))
-        return [trainer._sampled_sites(r) for r in range(6)]
+        return [trainer.sampled_sites(r) for r in range(6)]
 
     a, b = draws(0), draws(4)
     assert a == b  # no message needed: every site draws the same sites from (seed, round)

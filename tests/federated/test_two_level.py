@@ -7,16 +7,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from federated_toys import ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
+from federated_toys import (
+    LocalSnapshots,
+    ToyRegressor,
+    free_port,
+    quiet_process,
+    run_processes,
+    site_data,
+    state_of,
+)
 
-from neurofed.federated import Federation, FederatedTrainer
-
-
-class SnapshotTrainer(FederatedTrainer):
-    def _local_training(self, r, model, *args, **kw):
-        loss = super()._local_training(r, model, *args, **kw)
-        self.local_state = state_of(model)
-        return loss
+from neurofed.federated import FederatedTrainer, Federation
 
 
 def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, root: str) -> None:
@@ -28,14 +29,15 @@ def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, roo
     L.seed_everything(site)
     model = ToyRegressor()
     data = site_data(site, n_test=7)  # odd: each test example must be counted once across the 2 ranks
-    trainer = SnapshotTrainer(
-        rounds=1, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
+    snapshots = LocalSnapshots()
+    trainer = FederatedTrainer(
+        rounds=1, callbacks=[snapshots], accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
         federation=Federation(port=fed_port, site_rank=site, num_sites=2, timeout_s=60),
     )
     trainer.fit(model, data)
     results = trainer.test(model, data)
     torch.save(
-        {"local": trainer.local_state, "final": state_of(model), "n_train": data.n_train, "test": results,
+        {"local": snapshots.states[-1], "final": state_of(model), "n_train": data.n_train, "test": results,
          "world_size": trainer.fabric.world_size, "leader": trainer.is_site_leader,
          "has_group": trainer.group is not None},
         Path(root) / f"result-{site}-{local_rank}.pt",
@@ -93,7 +95,7 @@ def _resident_rank_process(local_rank: int, site_port: int, fed_port: int, bids:
     trainer.fit(model, data)
     results = trainer.test(model, data)
     torch.save({"final": state_of(model), "test": results, "n_test": len(data.test_records[0]),
-                "store": len(data.volumes), "trained": trainer.history[0]["train/volumes"]},
+                "store": len(data.volumes), "trained": trainer.history[0]["train/site/volumes"]},
                Path(root) / f"resident-{local_rank}.pt")
     trainer.close()
 

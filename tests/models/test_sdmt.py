@@ -119,14 +119,20 @@ def test_weights_come_from_brain_age_checkpoint(tmp_path: Path) -> None:
     assert reloaded.hparams.transfer == "shallow" and not any(p.requires_grad for p in reloaded.backbone.parameters())
 
 
-def test_validation_reports_baseline() -> None:
+def test_validation_reports_baseline_under_lightning_trainer() -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
     model = SDMTModule(channels=TINY, label="sdmt").eval()
     batch = make_batch(size=5)
     model.set_target_mean(45.0)
     with torch.no_grad():
         out = model.validation_step(batch, 0)
     assert set(out) == {"loss", "pred", "target"}
-    model.on_validation_epoch_end()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False)
+    trainer.validate(model, dataloaders=DataLoader([batch], batch_size=None))
     metrics = model.last_epoch_metrics["val"]
     assert metrics["baseline_mae"] == pytest.approx((batch["target"] - 45.0).abs().mean().item(), rel=1e-6)
     assert metrics["loss"] == pytest.approx(out["loss"].item(), rel=1e-6)
+    assert trainer.callback_metrics["val/baseline_mae"].item() == pytest.approx(metrics["baseline_mae"], rel=1e-6)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
-from lightning.fabric import Fabric
 from torch import Tensor
 
 from neurofed.federated.batches import after_transfer, batch_size
-from neurofed.federated.strategies import Strategy
+from neurofed.federated.site import LOCAL_PASS_STREAM
 
-__all__ = ["LocalTraining", "train_locally"]
+if TYPE_CHECKING:
+    from neurofed.federated.site import Site
+    from neurofed.federated.strategies import Strategy
+
+__all__ = ["LocalTraining", "passes_per_round", "train_locally"]
 
 
 @dataclass(frozen=True)
@@ -45,25 +48,36 @@ class LocalTraining:
         return cls(loss=math.nan, volumes=0, steps=0, data_wait_s=0.0)
 
 
-def train_locally(
-    fabric: Fabric, model: Any, module: Any, optimizer: Any, loader: Iterable, datamodule: Any,
-    strategy: Strategy, global_params: dict[str, Tensor], epoch_keys: Iterable[int], max_steps: int | None,
-    reseed: Callable[[int], None],
-) -> LocalTraining:
-    """Train on ``loader`` for each key of ``epoch_keys`` (or until ``max_steps`` optimizer steps).
+def passes_per_round(loader: Any, local_epochs: int, local_steps: int | None) -> int:
+    """Passes over the loader that one round starts: ``local_epochs``, or enough for ``local_steps`` steps."""
+    if local_steps is None:
+        return local_epochs
+    try:
+        return max(1, math.ceil(local_steps / max(len(loader), 1)))
+    except TypeError:  # a loader without a length: at least one step per pass
+        return local_steps
 
-    ``reseed(key)`` runs before each pass and the sampler's epoch is set to the key, so data order,
-    dropout and augmentation depend on the key alone: a resumed run repeats an uninterrupted one.
+
+def train_locally(
+    site: Site, loader: Iterable, datamodule: Any, strategy: Strategy, global_params: dict[str, Tensor],
+    round: int, passes: int, max_steps: int | None,
+) -> LocalTraining:
+    """Train ``site.model`` on ``loader`` for ``passes`` passes (or until ``max_steps`` optimizer steps).
+
+    Pass ``i`` of round ``r`` is pass ``r * passes + i`` of the run. Before it, every random generator is
+    reseeded from that number (:meth:`Site.reseed`) and the sampler's epoch is set to it, so data order,
+    dropout and augmentation depend on it alone: a resumed run repeats an uninterrupted one.
     """
-    module.train()
+    fabric, wrapped, optimizer = site.launched(), site.wrapped, site.optimizer
+    wrapped.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=fabric.device)
     seen = steps = 0
     data_wait = 0.0
-    for epoch_key in epoch_keys:
-        reseed(epoch_key)
+    for run_pass in range(round * passes, (round + 1) * passes):
+        site.reseed(LOCAL_PASS_STREAM, run_pass)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch_key)
+            sampler.set_epoch(run_pass)
         t0 = time.perf_counter()
         batches = iter(loader)
         data_wait += time.perf_counter() - t0
@@ -75,9 +89,9 @@ def train_locally(
             if batch is None:
                 break
             batch = after_transfer(datamodule, batch, 0)
-            out = module.training_step(batch, i)
+            out = wrapped.training_step(batch, i)
             loss = out["loss"] if isinstance(out, dict) else out
-            extra = strategy.local_loss(model, global_params)
+            extra = strategy.local_loss(site.model, global_params)
             fabric.backward(loss if extra is None else loss + extra)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

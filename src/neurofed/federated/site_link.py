@@ -8,14 +8,16 @@ site. Keeping both levels here lets the trainer say *what* is exchanged without 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric import Fabric
 from torch import Tensor
 
 from neurofed.federated.config import Federation
 from neurofed.federated.group import FederationGroup, LocalGroup
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 __all__ = ["SiteLink"]
 

@@ -3,10 +3,10 @@
 Two files per round, split by who may see them:
 
 * ``<run>/round-last.pt`` holds what every site agrees on: the global (aggregated) weights, the strategy's
-  server state (FedAdam moments), the round number, the best pooled validation loss, the early-stop and
-  LR-plateau counters, the current learning rate and the site-sampling rule. Every site computes exactly
-  the same content, so in a simulation where all sites share one folder, their atomic writes of this file
-  are interchangeable.
+  server state (FedAdam moments), the round number, the best pooled validation loss, the early-stop
+  counter, the LR-plateau scheduler's state, the current learning rate and the site-sampling rule. Every
+  site computes exactly the same content, so in a simulation where all sites share one folder, their
+  atomic writes of this file are interchangeable.
 * ``<run>/site-<rank>/local-last.pt`` holds what only this site has: its full model ``state_dict`` (with
   entries that are never aggregated, such as FedBN's batch-norm layers), its optimizer state, the random
   number generator states of its leader process (torch, CUDA, numpy, python) and its optimizer step count.
@@ -60,14 +60,11 @@ class RoundState:
     best_val_loss: float = math.inf
     best_round: int = -1
     rounds_without_improvement: int = 0  # early stopping
-    rounds_on_plateau: int = 0  # LR reduction
     lr_scale: float = 1.0  # product of the plateau reductions applied so far
     stopped: bool = False
 
-    def record(
-        self, r: int, val_loss: float, has_val: bool, patience: int | None, plateau_patience: int | None
-    ) -> tuple[bool, bool]:
-        """Account for round ``r``'s pooled validation loss; returns (new best model, reduce the LR now).
+    def record(self, r: int, val_loss: float, has_val: bool, patience: int | None) -> bool:
+        """Account for round ``r``'s (0-based) pooled validation loss; returns True for a new best model.
 
         A round without validation examples counts as an improvement, so that training without a
         validation split keeps the last model and never stops early.
@@ -77,23 +74,20 @@ class RoundState:
         if improved:
             if has_val:
                 self.best_val_loss, self.best_round = val_loss, r
-            self.rounds_without_improvement = self.rounds_on_plateau = 0
+            self.rounds_without_improvement = 0
         else:
             self.rounds_without_improvement += 1
-            self.rounds_on_plateau += 1
-        reduce_lr = plateau_patience is not None and self.rounds_on_plateau >= plateau_patience
-        if reduce_lr:
-            self.rounds_on_plateau = 0
         if patience is not None and self.rounds_without_improvement >= patience:
             self.stopped = True
-        return improved, reduce_lr
+        return improved
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundState:
-        return cls(**d)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def site_dir(run_dir: str | Path, site_rank: int) -> Path:
@@ -134,6 +128,7 @@ def save_round(
     model_state: dict[str, Tensor],
     optimizer_state: dict[str, Any],
     global_step: int,
+    plateau_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write this site's local file, then the shared round file; returns the round file's path."""
     atomic_save(
@@ -154,6 +149,7 @@ def save_round(
             "trainer": state.to_dict(),
             "sampling": sampling,
             "lr": list(lr),
+            "plateau": plateau_state,
         },
         Path(run_dir) / ROUND_FILE,
     )
@@ -180,8 +176,10 @@ def load_round(round_path: str | Path, site_rank: int) -> tuple[dict[str, Any], 
 
 def restore_round(
     round_path: str | Path, site_rank: int, model: nn.Module, optimizer: Any, strategy: Any, sampling: dict[str, Any]
-) -> tuple[RoundState, int]:
-    """Put weights, optimizer, strategy state and random state back; returns the counters and step count.
+) -> tuple[RoundState, int, dict[str, Any] | None]:
+    """Put weights, optimizer, strategy state and random state back.
+
+    Returns the counters, the optimizer step count and the LR-plateau scheduler's state (``None`` if none).
 
     Refuses a checkpoint written with another site-sampling rule: the resumed rounds would train other sites.
     """
@@ -199,7 +197,7 @@ def restore_round(
     optimizer.load_state_dict(local["optimizer"])
     strategy.load_state_dict(shared["strategy"])
     restore_rng(local["rng"])
-    return RoundState.from_dict(shared["trainer"]), int(local["global_step"])
+    return RoundState.from_dict(shared["trainer"]), int(local["global_step"]), shared.get("plateau")
 
 
 def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurofed.models._regression import RegressionModule, require_out_features
 from neurofed.models.losses import AgeBins, expected_value, soft_label_kl
+from neurofed.models.regression import RegressionModule, require_out_features
 from neurofed.models.sfcn import SFCN
 
 __all__ = ["BrainAgeModule"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurofed.models._regression import RegressionModule, require_out_features
 from neurofed.models.brain_age import BrainAgeModule
+from neurofed.models.regression import RegressionModule, require_out_features
 from neurofed.models.sfcn import SFCN
 
 __all__ = ["SDMTModule", "parse_transfer"]

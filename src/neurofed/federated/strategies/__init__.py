@@ -1,16 +1,14 @@
-"""Aggregation strategies, one rule per class; ``STRATEGIES`` maps config names to classes."""
+"""Aggregation strategies, one rule per file (see :mod:`~neurofed.federated.strategies.base`)."""
 
-from neurofed.federated.strategies.base import Strategy, weighted_mean
+from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
+from neurofed.federated.strategies.fedadagrad import FedAdagrad
 from neurofed.federated.strategies.fedadam import FedAdam
 from neurofed.federated.strategies.fedavg import FedAvg
 from neurofed.federated.strategies.fedbn import FedBN
+from neurofed.federated.strategies.fedmedian import FedMedian
+from neurofed.federated.strategies.fedopt import FedOpt
 from neurofed.federated.strategies.fedprox import FedProx
+from neurofed.federated.strategies.fedyogi import FedYogi
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedbn": FedBN,
-}
-
-__all__ = ["STRATEGIES", "FedAdam", "FedAvg", "FedBN", "FedProx", "Strategy", "weighted_mean"]
+__all__ = ["Contribution", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedMedian", "FedOpt", "FedProx", "FedYogi",
+           "RoundContext", "Strategy"]

@@ -1,48 +1,81 @@
-"""The aggregation rule of a federation, split into the parts each side runs.
+"""The aggregation rule of a federation: what a site sends, and how the sites' contributions become one model.
 
-A site asks the strategy which state-dict entries to share (``aggregated_keys``) and whether to add a
-term to its local loss (``local_loss``); after the (weighted) mean of the sites' flat vectors has been
-formed by an all_reduce, every site applies the same ``server_update`` to it. Because every site runs
-the same deterministic update on the same numbers, no separate server process is needed.
+A rule sees a round from one site's seat, as every site runs it at once (there is no server process):
+
+1. ``aggregated_keys`` — which state-dict entries the sites share (the rest stays local, e.g. FedBN).
+2. ``local_loss`` — an optional term added to the site's training loss (FedProx).
+3. ``client_update`` — transforms the site's flat parameter vector before it leaves the site (clipping,
+   noise, masking); it gets a :class:`RoundContext` so that every site draws the same randomness.
+4. ``aggregate`` — combines every site's contribution through the :class:`~neurofed.federated.collectives.
+   Collectives` it is handed (a weighted mean by all_reduce, order statistics by all_gather) and applies the
+   server update. Every site runs it on the same numbers and gets the same new global vector.
+
+A new rule is one file: subclass :class:`Strategy`, implement ``aggregate``, and keep its math there.
 """
 
 from __future__ import annotations
 
-from abc import ABC
-from typing import Any
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from neurofed.federated.params import float_keys
 
-__all__ = ["Strategy", "weighted_mean"]
+if TYPE_CHECKING:
+    from neurofed.federated.collectives import Collectives
+
+__all__ = ["Contribution", "RoundContext", "Strategy"]
 
 
-def weighted_mean(vectors: list[Tensor], weights: list[float]) -> Tensor:
-    """Return ``Σ w_i v_i / Σ w_i`` as float32, summed in float64 so that site order does not matter."""
-    if not vectors:
-        raise ValueError("weighted_mean: no vectors given")
-    if len(vectors) != len(weights):
-        raise ValueError(f"weighted_mean: {len(vectors)} vectors but {len(weights)} weights")
-    total = float(sum(weights))
-    if any(w < 0 for w in weights) or total <= 0:
-        raise ValueError(f"weighted_mean: weights must be non-negative with a positive sum, got {weights}")
-    acc = torch.zeros_like(vectors[0], dtype=torch.float64, device="cpu")
-    for v, w in zip(vectors, weights):
-        if v.shape != vectors[0].shape:
-            raise ValueError(f"weighted_mean: shape {tuple(v.shape)} differs from {tuple(vectors[0].shape)}")
-        acc += v.detach().to(device="cpu", dtype=torch.float64) * float(w)
-    return (acc / total).to(torch.float32)
+@dataclass(frozen=True)
+class RoundContext:
+    """What a rule may depend on besides the numbers, identical at every site except ``site_rank``.
+
+    Attributes:
+        round: 0-based index of the round being aggregated.
+        seed: The federation's seed; with ``round`` it seeds randomness every site must share.
+        site_rank: This site's index.
+        num_sites: Number of sites in the federation.
+    """
+
+    round: int
+    seed: int
+    site_rank: int
+    num_sites: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One site's offer to a round: flat float32 CPU vectors over the strategy's keys.
+
+    Attributes:
+        params: The site's parameters after local training, as transformed by ``client_update``.
+        global_params: The global parameters the round started from (identical at every site).
+        weight: The site's weight (``site_weight`` of its example count), 0 when it did not train this round.
+    """
+
+    params: Tensor
+    global_params: Tensor
+    weight: float
+
+    @property
+    def update(self) -> Tensor:
+        """What local training changed: ``params - global_params``."""
+        return self.params - self.global_params
 
 
 class Strategy(ABC):
-    """Base aggregation rule: share every floating-point entry and take their (weighted) mean.
+    """Base of every aggregation rule. Subclasses implement :meth:`aggregate`; every other method has a default.
 
-    Subclasses override only what differs; the defaults amount to FedAvg.
+    Args:
+        weighted: Weight each site by its number of training examples (else every site counts once).
     """
 
-    weighted: bool = True
+    #: True for rules that need every site's individual vector (median, trimmed mean): they cannot run on
+    #: a masked sum.
+    needs_individual_updates: bool = False
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = bool(weighted)
@@ -56,7 +89,7 @@ class Strategy(ABC):
         return float(num_examples) if self.weighted else 1.0
 
     def aggregated_keys(self, state_dict: dict[str, Tensor], model: nn.Module | None = None) -> list[str]:
-        """State-dict entries the sites average: floating-point parameters and buffers.
+        """State-dict entries the sites share: floating-point parameters and buffers.
 
         Integer buffers such as ``num_batches_tracked`` are never aggregated. ``model`` is accepted for
         rules that need module types (FedBN) and ignored here.
@@ -67,9 +100,13 @@ class Strategy(ABC):
         """Extra term added to each local training loss; ``None`` means no term."""
         return None
 
-    def server_update(self, global_vec: Tensor, mean_vec: Tensor) -> Tensor:
-        """New global vector from the previous global and the mean of the sites' vectors."""
-        return mean_vec
+    def client_update(self, params: Tensor, global_params: Tensor, context: RoundContext) -> Tensor:
+        """What this site sends in place of ``params`` (its flat vector after local training); default: as is."""
+        return params
+
+    @abstractmethod
+    def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
+        """The new global vector, from this site's contribution and the others' (reached through ``comm``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to checkpoint between rounds (none by default)."""

@@ -1,14 +1,23 @@
-"""FedAvg (McMahan et al. 2017): the new global model is the example-weighted mean of the sites'."""
+"""FedAvg (McMahan et al. 2017, Communication-Efficient Learning of Deep Networks from Decentralized Data).
+
+    w_global ← Σ_k n_k · w_k / Σ_k n_k
+
+over the sites ``k`` that trained this round, ``n_k`` their training examples (or 1 each when unweighted).
+One all_reduce of a flat vector does it; every site gets the same sum.
+"""
 
 from __future__ import annotations
 
-from neurofed.federated.strategies.base import Strategy
+from torch import Tensor
+
+from neurofed.federated.collectives import Collectives
+from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 
 __all__ = ["FedAvg"]
 
 
 class FedAvg(Strategy):
-    """Plain (weighted) parameter averaging; every behaviour is the base default."""
+    """The (example-)weighted mean of the sites' parameters."""
 
-    def __init__(self, weighted: bool = True) -> None:
-        super().__init__(weighted=weighted)
+    def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
+        return comm.weighted_mean(contribution.params, contribution.weight)

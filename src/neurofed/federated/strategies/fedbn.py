@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from neurofed.federated.params import float_keys
-from neurofed.federated.strategies.base import Strategy
+from neurofed.federated.strategies.fedavg import FedAvg
 
 __all__ = ["FedBN"]
 
@@ -23,11 +23,8 @@ def _prefix(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-class FedBN(Strategy):
+class FedBN(FedAvg):
     """Weighted averaging of every floating-point entry except those of BatchNorm layers."""
-
-    def __init__(self, weighted: bool = True) -> None:
-        super().__init__(weighted=weighted)
 
     def bn_prefixes(self, state_dict: dict[str, Tensor], model: nn.Module | None = None) -> set[str]:
         """Module prefixes of BatchNorm layers.

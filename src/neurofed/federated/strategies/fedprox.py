@@ -1,7 +1,7 @@
 """FedProx (Li et al. 2020): a proximal term keeps local models near the global one.
 
 With heterogeneous sites, several local epochs pull each model towards its own data; the term
-``μ/2 · Σ‖w − w_global‖²`` limits that drift while aggregation stays a plain weighted mean.
+``μ/2 · Σ‖w − w_global‖²`` limits that drift while aggregation stays FedAvg's weighted mean.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurofed.federated.strategies.base import Strategy
+from neurofed.federated.strategies.fedavg import FedAvg
 
 __all__ = ["FedProx"]
 
 
-class FedProx(Strategy):
+class FedProx(FedAvg):
     """Weighted averaging plus a proximal local loss of strength ``mu``."""
 
     def __init__(self, mu: float = 0.01, weighted: bool = True) -> None:

@@ -1,0 +1,42 @@
+"""FedMedian (Yin et al. 2018, Byzantine-Robust Distributed Learning): the coordinate-wise median.
+
+    w_global[i] ← median_k w_k[i]        over the sites k that trained this round
+
+Unweighted by design: a site's influence on each coordinate is bounded whatever it sends or claims, so a
+minority of faulty sites cannot move the global model far. With an even number of sites the median is the
+mean of the two middle values (as numpy's). It needs every site's vector (one all_gather), so it cannot
+run under secure aggregation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neurofed.federated.collectives import Collectives, NoContributionError
+from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
+
+__all__ = ["FedMedian"]
+
+
+class FedMedian(Strategy):
+    """Coordinate-wise median of the participating sites' parameters."""
+
+    needs_individual_updates = True
+
+    def __init__(self) -> None:
+        super().__init__(weighted=False)
+
+    def hparams(self) -> dict[str, object]:
+        return {}
+
+    def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
+        vectors = comm.gather(contribution.params)
+        weights = comm.gather_weights(contribution.weight)
+        chosen = [v.double() for v, w in zip(vectors, weights) if w > 0]
+        if not chosen:
+            raise NoContributionError(f"round {context.round}: no site trained; nothing to take the median of")
+        ordered = torch.stack(chosen).sort(dim=0).values
+        k = len(chosen)
+        middle = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+        return middle.float()
