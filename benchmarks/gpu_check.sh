@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, run once on a GPU machine from the repo root:
 #   (a) write synthetic 1 mm BIDS sites and fill the fp16 cache once (all cores),
-#   (b) local_epoch.py --sweep: neurofed's local epoch on DESIGN.md's anchor variants with resident scans
+#   (b) local_epoch.py --sweep: neurofed's local epoch on the plain-step anchor variants with resident scans
 #       (+ plain-loop pairs, and bf16+cl b8 streamed through loader workers for comparison), then a sync
 #       audit: how often a training step makes the host wait for the GPU, by source line,
 #   (c) federated_gpu.py: a two-site bf16 federation on the one GPU (resident scans), 3 rounds, then the test

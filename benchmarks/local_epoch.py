@@ -1,6 +1,6 @@
 """Training throughput of neurofed's local epoch against a plain PyTorch loop over the same cached data.
 
-Why: DESIGN.md's anchors time a bare SFCN train step on tensors already in memory. The product adds the data
+Why: The plain-step anchors (README, Benchmarks) time a bare SFCN train step on tensors already in memory. The product adds the data
 path (fp16 memmap cache -> DataLoader workers -> pinned memory -> device), GPU-side augmentation in the
 datamodule's ``on_after_batch_transfer``, Fabric's wrappers and the round loop. This script measures how
 much of the bare step's speed survives, and whether the loader keeps up.
@@ -24,7 +24,7 @@ training seconds (for neurofed the trainer's ``time/data_wait_s``, n/a when the 
 
     python benchmarks/local_epoch.py                                  # CPU, 64^3, width 0.25
     python benchmarks/local_epoch.py --device cuda                    # 160x192x160, full width, bf16+cl
-    python benchmarks/local_epoch.py --device cuda --sweep            # DESIGN.md's anchor variants
+    python benchmarks/local_epoch.py --device cuda --sweep            # the plain-step anchor variants
     python benchmarks/local_epoch.py --data both                      # CPU ratio, streamed and resident
     python benchmarks/local_epoch.py --prepare-only --data-dir /tmp/nf --volumes 64 --subjects 256
 """
@@ -52,7 +52,7 @@ SFCN_CHANNELS = (32, 64, 128, 256, 256, 64)
 GPU_SIZE = (160, 192, 160)
 CPU_SIZE = (64, 64, 64)
 
-# DESIGN.md "Measured anchors": plain PyTorch SFCN train step, 160x192x160, one H100 (vol/s, peak GiB).
+# Plain-step anchors (README, Benchmarks): a bare PyTorch SFCN train step, 160x192x160, one H100 (vol/s, peak GiB).
 ANCHORS = {
     "fp32 b8": (54.7, 24.2),
     "bf16 b8": (47.4, 8.8),
@@ -527,7 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "enough to time; default: 4 x volumes); 80%% go to the training split")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch (default: 2)")
     p.add_argument("--sweep", action="store_true",
-                   help="run DESIGN.md's anchor variants (fp32 b8; bf16 b8; bf16+cl b8; bf16+cl+compile b8 and b16) "
+                   help="run the plain-step anchor variants (fp32 b8; bf16 b8; bf16+cl b8; bf16+cl+compile b8 and b16) "
                         "through neurofed; see --plain for the plain loop")
     p.add_argument("--plain", choices=["all", "best", "none"], default=None,
                    help="which variants also run the plain loop: all, best (bf16+cl b8 and bf16+cl+compile b8 "

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+
 from neurofed.cli import main
 from neurofed.models import BrainAgeModule
 

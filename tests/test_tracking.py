@@ -38,3 +38,16 @@ def test_configure_uses_the_site_name_and_never_imports_wandb(monkeypatch):
     configure_site_loggers(trainer, SimpleNamespace(site_names=["sald"]))
     assert logger._wandb_init["name"] == "demo-sald"
     assert "wandb" not in sys.modules
+
+
+def test_lightning_wandb_logger_built_like_the_cli_does_gets_the_group(monkeypatch, tmp_path):
+    # LightningCLI passes every wandb.init argument from the YAML, unset ones as None (group=None, job_type=None).
+    from lightning.pytorch.loggers import WandbLogger as RealWandbLogger
+
+    from neurofed.lightning_compat import wandb_init_kwargs
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = RealWandbLogger(project="neurofed", save_dir=str(tmp_path), group=None, job_type=None, name=None)
+    group_wandb_runs([logger], run_name="fed1", site_name="ixi")
+    init = wandb_init_kwargs(logger)
+    assert (init["group"], init["job_type"], init["name"], init["mode"]) == ("fed1", "site", "fed1-ixi", "offline")

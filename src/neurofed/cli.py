@@ -68,7 +68,7 @@ class NeurofedCLI(LightningCLI):
 
     def _save_resolved_config(self) -> None:
         """Keep the exact configuration beside the run, so a result can always be traced to its settings."""
-        if self.trainer.is_global_leader:
+        if self.trainer.site.is_global_leader:
             path = Path(self.trainer.run_dir) / f"config-{self.subcommand}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             self._parser(self.subcommand).save(
@@ -82,12 +82,12 @@ class NeurofedCLI(LightningCLI):
             return
         self.trainer.test(model, datamodule=datamodule, ckpt_path="best")
         written = self._write_predictions(model, datamodule, ckpt_path="best")
-        if self.trainer.is_global_leader and self.trainer.history:
+        if self.trainer.site.is_global_leader and self.trainer.history:
             from neurofed.plots import loss_per_round
 
             curve = [row["val/pooled/loss"] for row in self.trainer.history]
             written.append(loss_per_round({"pooled validation loss": curve}, self.trainer.run_dir / "val_loss.png"))
-        if self.trainer.is_site_leader:
+        if self.trainer.site.is_leader:
             print(f"best global model: {self.trainer.best_model_path}")
             for path in written:
                 print(f"wrote {path}")
@@ -101,7 +101,7 @@ class NeurofedCLI(LightningCLI):
         from neurofed.predictions import write_predictions
 
         outputs = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        if not outputs or not self.trainer.is_site_leader:
+        if not outputs or not self.trainer.site.is_leader:
             return []
         return write_predictions(outputs, datamodule, model)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
+from neurofed.lightning_compat import wandb_init_kwargs
+
 
 def is_wandb_logger(logger: Any) -> bool:
     """True for Lightning's WandbLogger, checked by name so that ``wandb`` is never imported here."""
@@ -22,9 +24,12 @@ def group_wandb_runs(loggers: Iterable[Any], run_name: str, site_name: str) -> N
     for logger in loggers:
         if not is_wandb_logger(logger):
             continue
-        init = logger._wandb_init  # the kwargs WandbLogger passes to wandb.init when the run starts
-        init.setdefault("group", run_name)
-        init.setdefault("job_type", "site")
+        init = wandb_init_kwargs(logger)
+        # LightningCLI fills every wandb.init argument from the YAML, unset ones as None: treat None as unset.
+        if not init.get("group"):
+            init["group"] = run_name
+        if not init.get("job_type"):
+            init["job_type"] = "site"
         if not init.get("name"):
             init["name"] = f"{run_name}-{site_name}"
         if "WANDB_MODE" not in os.environ and not init.get("mode"):

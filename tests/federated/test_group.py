@@ -8,12 +8,7 @@ import time
 import pytest
 import torch
 
-from neurofed.federated.group import (
-    FederationGroup,
-    FederationTimeoutError,
-    LocalGroup,
-    RecordingGroup,
-)
+from neurofed.federated.group import FederationGroup, FederationTimeoutError, LocalGroup, RecordingGroup
 from neurofed.federated.simulate import free_port as _free_port
 from neurofed.federated.wire import FederationPayloadError
 
@@ -70,6 +65,7 @@ def _run_sites(n: int, leave_early: bool = False) -> dict[int, dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_collectives_across_processes(n: int) -> None:
     results = _run_sites(n)
@@ -84,6 +80,7 @@ def test_collectives_across_processes(n: int) -> None:
         assert res["bcast"] == [42, 7]
 
 
+@pytest.mark.slow
 def test_peer_leaving_mid_round_raises_instead_of_hanging() -> None:
     results = _run_sites(2, leave_early=True)
     outcome = results[0]["dead_peer"]

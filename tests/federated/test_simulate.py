@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from neurofed.federated import simulate as sim
 
 ECHO = textwrap.dedent(
@@ -101,6 +103,7 @@ def test_cli_arguments_pass_the_rest_through(tmp_path):
         sim.simulate = original
 
 
+@pytest.mark.slow
 def test_simulated_federation_trains_end_to_end(tmp_path):
     tests = str(Path(__file__).parent)
     out = io.StringIO()

@@ -10,16 +10,7 @@ from torch import nn
 
 from neurofed.federated.collectives import NoContributionError
 from neurofed.federated.params import flatten, float_keys
-from neurofed.federated.strategies import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedBN,
-    FedMedian,
-    FedProx,
-    FedYogi,
-    Strategy,
-)
+from neurofed.federated.strategies import FedAdagrad, FedAdam, FedAvg, FedBN, FedMedian, FedProx, FedYogi, Strategy
 
 RNG = np.random.default_rng(7)
 START = RNG.normal(size=6).astype(np.float32)

@@ -55,6 +55,7 @@ def _run_federation(tmp_path: Path, n: int, strategy: str, rounds: int, sites_pe
     return [torch.load(tmp_path / f"result-{k}.pt", weights_only=False) for k in range(n)]
 
 
+@pytest.mark.slow
 def test_fedavg_sites_end_with_the_weighted_mean_of_their_local_models(tmp_path):
     sites = _run_federation(tmp_path, 3, "fedavg", rounds=1)
     keys = sites[0]["keys"]
@@ -79,6 +80,7 @@ def test_fedavg_sites_end_with_the_weighted_mean_of_their_local_models(tmp_path)
     assert sites[2]["test"] == table
 
 
+@pytest.mark.slow
 def test_sites_left_out_of_a_round_do_not_train_and_do_not_count_in_its_mean(tmp_path):
     sites = _run_federation(tmp_path, 3, "fedavg", rounds=2, sites_per_round=2)
     draws = sites[0]["draws"]
@@ -96,6 +98,7 @@ def test_sites_left_out_of_a_round_do_not_train_and_do_not_count_in_its_mean(tmp
         torch.testing.assert_close(sites[0]["fitted"][key].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fedbn_keeps_batch_norm_local_and_shares_the_rest(tmp_path):
     sites = _run_federation(tmp_path, 2, "fedbn", rounds=2)
     a, b = sites[0]["final"], sites[1]["final"]

@@ -6,16 +6,9 @@ import os
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
-from federated_toys import (
-    LocalSnapshots,
-    ToyRegressor,
-    free_port,
-    quiet_process,
-    run_processes,
-    site_data,
-    state_of,
-)
+from federated_toys import LocalSnapshots, ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
 
 from neurofed.federated import FederatedTrainer, Federation
 
@@ -38,13 +31,14 @@ def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, roo
     results = trainer.test(model, data)
     torch.save(
         {"local": snapshots.states[-1], "final": state_of(model), "n_train": data.n_train, "test": results,
-         "world_size": trainer.fabric.world_size, "leader": trainer.is_site_leader,
+         "world_size": trainer.fabric.world_size, "leader": trainer.site.is_leader,
          "has_group": trainer.group is not None},
         Path(root) / f"result-{site}-{local_rank}.pt",
     )
     trainer.close()
 
 
+@pytest.mark.slow
 def test_two_sites_of_two_ranks_end_identical_and_equal_to_the_site_mean(tmp_path):
     ports = [free_port(), free_port(), free_port()]
     run_processes(_rank_process, [(s, r, ports[s], ports[2], str(tmp_path)) for s in (0, 1) for r in (0, 1)],
@@ -100,6 +94,7 @@ def _resident_rank_process(local_rank: int, site_port: int, fed_port: int, bids:
     trainer.close()
 
 
+@pytest.mark.slow
 def test_resident_scans_under_ddp_inside_a_site(tmp_path, tiny_bids):
     from neurofed.data import BrainMRIDataModule
 

@@ -14,15 +14,16 @@ import torch
 from torch import Tensor
 
 from neurofed.federated.batches import after_transfer
+from neurofed.federated.results import metrics_file, write_json
 from neurofed.federated.wire import decode_site_name, encode_site_name
-from neurofed.metrics import SplitStats
+from neurofed.metrics import SplitStats, format_table
 
 if TYPE_CHECKING:
     from neurofed.federated.site import Site
     from neurofed.federated.site_link import SiteLink
 
-__all__ = ["baseline_prediction", "evaluate_federation", "evaluate_split", "federation_table", "gather_site_names",
-           "pool_split", "split_names"]
+__all__ = ["baseline_prediction", "evaluate_federation", "evaluate_split", "evaluation_stage", "federation_table",
+           "gather_site_names", "pool_split", "split_names"]
 
 
 def baseline_prediction(model: Any) -> float | None:
@@ -131,3 +132,27 @@ def evaluate_federation(
     local_names = split_names(site_names[site.federation.site_rank], datamodule, len(loaders))
     splits = [evaluate_split(site, loader, datamodule, step, baseline, j) for j, loader in enumerate(loaders)]
     return federation_table(site.link, splits, local_names, site_names, with_baseline=baseline is not None)
+
+
+def evaluation_stage(
+    site: Site, stage: str, loaders: Any, datamodule: Any, baseline: float | None, run_name: str, step: int,
+) -> dict[str, dict[str, float]]:
+    """``validate()`` / ``test()`` after the model is loaded: the federation's table, printed, saved and logged.
+
+    Site 0's leader prints the table and writes ``<stage>_metrics.json`` in the run folder; every site logs
+    ``<stage>/<row>/<metric>`` at ``step`` (the last round, so that the logs' steps stay monotonic).
+    """
+    site.link.connect()
+    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    step_name = "test_step" if stage == "test" else "validation_step"
+    rows = evaluate_federation(site, [site.setup_eval_loader(loader) for loader in loaders], datamodule, step_name,
+                               baseline)
+    if site.is_global_leader:
+        print(f"\n{stage} ({run_name}, {site.federation.num_sites} site(s))\n{format_table(rows)}", flush=True)
+        write_json(site.run_dir / metrics_file(stage), rows)
+    site.launched().log_dict(
+        {f"{stage}/{name}/{key}": value for name, row in rows.items() for key, value in row.items()}, step=step
+    )
+    for logger in site.loggers:
+        logger.save()
+    return rows

@@ -14,7 +14,7 @@ from typing import Any
 
 from neurofed.federated.checkpoint_io import atomic_write_text
 
-__all__ = ["HISTORY_FILE", "metrics_file", "read_json", "write_json"]
+__all__ = ["HISTORY_FILE", "history_until", "metrics_file", "read_json", "write_json"]
 
 HISTORY_FILE = "history.json"
 
@@ -42,3 +42,12 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def read_json(path: str | Path) -> Any:
     """The content of a file written by :func:`write_json` (``null`` stays ``None``)."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def history_until(run_dir: str | Path, round: int) -> list[dict[str, Any]]:
+    """The rows of ``run_dir``'s ``history.json`` for rounds ``1..round`` (none when there is no file).
+
+    A resumed run keeps these and appends its own rounds, so the file never holds a round twice.
+    """
+    path = Path(run_dir) / HISTORY_FILE
+    return [h for h in read_json(path) if h["round"] <= round] if path.is_file() else []

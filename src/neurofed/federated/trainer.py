@@ -1,18 +1,9 @@
 """FederatedTrainer: Lightning's ``Trainer`` API, run as a federation of sites on Fabric.
 
-Centralized training is a federation of one site, so federated and centralized numbers come from this one
-loop. Two levels of communication:
-
-* inside a site, Fabric owns the default process group (DDP over the site's GPUs and nodes, or one CPU
-  process);
-* across sites, only the site leader (global rank 0 of its site) talks to the other leaders, then
-  broadcasts what it received to the other ranks of its site.
-
-The trainer *has* a :class:`~neurofed.federated.site.Site` (Fabric, link, loggers, model, optimizer). A
-round reads top to bottom in :meth:`FederatedTrainer._run_round`; the strategy owns aggregation, local
-training and evaluation live in their own modules, and callbacks observe every step.
+The trainer *has* a :class:`~neurofed.federated.site.Site` (Fabric, the link to the other sites, loggers,
+model, optimizer). A round reads top to bottom in :meth:`FederatedTrainer._run_round`: the strategy owns
+aggregation, local training and evaluation live in their own modules, and callbacks observe every step.
 """
-
 from __future__ import annotations
 
 import logging
@@ -21,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,22 +21,15 @@ from neurofed.federated import state as ckpt
 from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.config import Federation
-from neurofed.federated.evaluation import (
-    baseline_prediction,
-    evaluate_federation,
-    evaluate_split,
-    pool_split,
-)
-from neurofed.federated.local_training import (
-    LocalTraining,
-    passes_per_round,
-    train_locally,
-)
+from neurofed.federated.evaluation import baseline_prediction, evaluate_split, evaluation_stage, pool_split
+from neurofed.federated.local_training import LocalTraining, passes_per_round, train_locally
+from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.params import flatten, load_vector
-from neurofed.federated.results import HISTORY_FILE, metrics_file, read_json, write_json
+from neurofed.federated.results import HISTORY_FILE, history_until, write_json
+from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
-from neurofed.metrics import format_table
+from neurofed.federated.target_stats import share_target_stats
 
 __all__ = ["FederatedTrainer"]
 
@@ -57,10 +39,10 @@ log = logging.getLogger(__name__)
 class FederatedTrainer:
     """Trains a LightningModule across sites, round after round, with the ``fit/validate/test/predict`` API.
 
-    One round: global weights in; local training at the sampled sites; aggregation by the strategy (no
-    server process: every site runs the same rule on the same numbers); every site validates the new global
-    model; the pooled validation loss drives identical early-stopping and LR-plateau decisions everywhere;
-    the round checkpoint is written atomically.
+    Centralized training is a federation of one site, so federated and centralized numbers come from one
+    loop. Inside a site, Fabric owns the process group (DDP over its GPUs and nodes); across sites, only the
+    site leader (global rank 0 of its site) talks to the other leaders. There is no server process: every
+    site runs the strategy on the same numbers and takes the same decisions.
 
     The global leader writes the run's results as JSON next to its checkpoints: ``history.json`` (the
     per-round metrics, rounds numbered from 1) after every round, ``validate_metrics.json`` /
@@ -137,21 +119,13 @@ class FederatedTrainer:
             raise ValueError(f"FederatedTrainer: sites_per_round must be >= 1, got {sites_per_round}")
         if lr_plateau_patience is not None and lr_plateau_patience < 1:
             raise ValueError(f"FederatedTrainer: lr_plateau_patience must be >= 1, got {lr_plateau_patience}")
-        self.rounds = int(rounds)
-        self.local_epochs = int(local_epochs)
-        self.local_steps = local_steps
-        self.precision = precision
-        self.devices = devices
+        self.rounds, self.local_epochs, self.local_steps = int(rounds), int(local_epochs), local_steps
+        self.precision, self.devices = precision, devices
         self.strategy = strategy if strategy is not None else FedAvg()
-        self.sites_per_round = sites_per_round
-        self.patience = patience
-        self.lr_plateau_patience = lr_plateau_patience
-        self.lr_plateau_factor = float(lr_plateau_factor)
-        self.min_lr = float(min_lr)
+        self.sites_per_round, self.patience = sites_per_round, patience
+        self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr = lr_plateau_patience, lr_plateau_factor, min_lr
         self.federation = federation if federation is not None else Federation()
-        self.default_root_dir = default_root_dir
-        self.run_name = run_name or "run"
-        self.seed = int(seed)
+        self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
         self.site = Site(
             self.federation, self.run_dir, seed=self.seed, precision=precision, accelerator=accelerator,
@@ -164,11 +138,8 @@ class FederatedTrainer:
         self.global_step = 0
         self.best_model_path: str | None = None
         self.predictions: list[Any] | None = None
-        self._plateau: ReduceLROnPlateau | None = None
+        self._plateau: PlateauLR | None = None
 
-    # ------------------------------------------------------------------------------------------------
-    # Where things are (the site holds them)
-    # ------------------------------------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
         """Folder of this run: ``default_root_dir/run_name``."""
@@ -176,23 +147,13 @@ class FederatedTrainer:
 
     @property
     def fabric(self) -> Any:
+        """This site's launched Fabric (``None`` before the first stage)."""
         return self.site.fabric
 
     @property
     def loggers(self) -> list[Logger]:
+        """This site's Lightning loggers."""
         return self.site.loggers
-
-    @property
-    def site_name(self) -> str:
-        return self.site.name
-
-    @property
-    def is_site_leader(self) -> bool:
-        return self.site.is_leader
-
-    @property
-    def is_global_leader(self) -> bool:
-        return self.site.is_global_leader
 
     @property
     def group(self) -> Any:
@@ -210,14 +171,8 @@ class FederatedTrainer:
     # ------------------------------------------------------------------------------------------------
     # Public API (mirrors lightning.Trainer)
     # ------------------------------------------------------------------------------------------------
-    def fit(
-        self,
-        model: Any,
-        datamodule: Any = None,
-        train_dataloaders: DataLoader | None = None,
-        val_dataloaders: DataLoader | None = None,
-        ckpt_path: str | None = None,
-    ) -> None:
+    def fit(self, model: Any, datamodule: Any = None, train_dataloaders: DataLoader | None = None,
+            val_dataloaders: DataLoader | None = None, ckpt_path: str | None = None) -> None:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
         site = self.site
         fabric = site.launch()
@@ -229,11 +184,13 @@ class FederatedTrainer:
         val_loader = site.setup_eval_loader(val_dataloaders)
         site.setup(model, with_optimizer=True)
         site.link.connect()
-        self._log_hyperparams(model)
+        for lg in site.loggers:
+            lg.log_hyperparams(self.hyperparameters(model))
 
-        self._share_target_mean(model, datamodule)
+        share_target_stats(site.link, model, datamodule)
         self.state = ckpt.RoundState()
-        self._plateau = self._plateau_scheduler()
+        self._plateau = None if self.lr_plateau_patience is None else PlateauLR(
+            site.optimizer, self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr)
         self._history_before_resume = []
         if ckpt_path is not None:
             self._resume(ckpt_path)
@@ -261,20 +218,16 @@ class FederatedTrainer:
             log.info("%s: early stop after round %d (no improvement for %d rounds)",
                      site.name, self.state.round, self.state.rounds_without_improvement)
         site.call("on_fit_end", trainer=self)
-        for lg in self.loggers:
+        for lg in self.site.loggers:
             lg.finalize("success")
 
-    def validate(
-        self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
-        dataloaders: DataLoader | list[DataLoader] | None = None,
-    ) -> dict[str, dict[str, float]]:
+    def validate(self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
+                 dataloaders: DataLoader | list[DataLoader] | None = None) -> dict[str, dict[str, float]]:
         """Evaluate on every site's validation split; per-site and pooled metrics."""
         return self._evaluate_federation("validate", model, datamodule, ckpt_path, dataloaders)
 
-    def test(
-        self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
-        dataloaders: DataLoader | list[DataLoader] | None = None,
-    ) -> dict[str, dict[str, float]]:
+    def test(self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
+             dataloaders: DataLoader | list[DataLoader] | None = None) -> dict[str, dict[str, float]]:
         """Evaluate the best (or given) global model on every site's fixed test split.
 
         ``ckpt_path=None`` uses the best model of a ``fit`` run by this trainer, else the current weights.
@@ -353,23 +306,22 @@ class FederatedTrainer:
 
         # (5) Identical decisions everywhere: best model, early stopping, LR on plateau.
         has_val = pooled.count > 0
-        if self.state.record(r, val_loss, has_val, self.patience):
-            self._save_best(r)
-        if self._plateau is not None and has_val:
-            before = _learning_rates(site.optimizer)
-            self._plateau.step(val_loss)
-            if _learning_rates(site.optimizer) != before:
-                self.state.lr_scale *= self.lr_plateau_factor
-                log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
-                         _learning_rates(site.optimizer))
+        if self.state.record(r, val_loss, has_val, self.patience):  # best.ckpt: Lightning format, this site's BN
+            self.best_model_path = str(ckpt.site_dir(self.run_dir, self.federation.site_rank) / ckpt.BEST_FILE)
+            if site.is_leader:
+                ckpt.save_best(model, self.run_dir, self.federation.site_rank, epoch=r, global_step=self.global_step)
+        if self._plateau is not None and has_val and self._plateau.step(val_loss):
+            self.state.lr_scale *= self.lr_plateau_factor
+            log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
+                     learning_rates(site.optimizer))
 
         # (6) Round checkpoint, written atomically (local file first, then the shared one).
         if site.is_leader:
             ckpt.save_round(
                 self.run_dir, self.federation.site_rank, state=self.state,
                 global_weights={k: v for k, v in model.state_dict().items() if k in set(keys)},
-                strategy_state=strategy.state_dict(), sampling=self._sampling_rule(),
-                lr=_learning_rates(site.optimizer), model_state=model.state_dict(),
+                strategy_state=strategy.state_dict(), sampling=self._sampling().as_dict(),
+                lr=learning_rates(site.optimizer), model_state=model.state_dict(),
                 optimizer_state=site.optimizer.state_dict(), global_step=self.global_step,
                 plateau_state=self._plateau.state_dict() if self._plateau is not None else None,
             )
@@ -377,7 +329,7 @@ class FederatedTrainer:
         # (7) One row of history, logged at step = round (1-based), then the round is over.
         metrics |= {
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
-            "lr": _learning_rates(site.optimizer)[0], "sampled": float(sampled),
+            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
@@ -394,72 +346,27 @@ class FederatedTrainer:
     # The parts of a round
     # ------------------------------------------------------------------------------------------------
     def sampled_sites(self, r: int) -> set[int]:
-        """Sites that train in round ``r`` (0-based): a pure function of ``(seed, r)``, identical at every site."""
-        n, k = self.federation.num_sites, self.sites_per_round
-        if k is None or k >= n:
-            return set(range(n))
-        return {int(s) for s in np.random.default_rng((self.seed, r)).choice(n, size=k, replace=False)}
+        """Sites that train in round ``r`` (0-based), identical at every site (:class:`SiteSampling`)."""
+        return self._sampling().draw(r)
 
-    def _sampling_rule(self) -> dict[str, Any]:
-        return {"seed": self.seed, "sites_per_round": self.sites_per_round, "num_sites": self.federation.num_sites}
-
-    def _plateau_scheduler(self) -> ReduceLROnPlateau | None:
-        """torch's plateau rule, set to reduce after ``lr_plateau_patience`` rounds without a lower loss.
-
-        torch reduces once the count of bad rounds *exceeds* its patience, so it gets ours minus one;
-        ``threshold=0`` makes any lower loss an improvement. The two rules then take the same decisions
-        (``tests/federated/test_plateau.py``), except that torch skips reductions smaller than 1e-8.
-        """
-        if self.lr_plateau_patience is None:
-            return None
-        return ReduceLROnPlateau(self.site.optimizer, mode="min", factor=self.lr_plateau_factor,
-                                 patience=self.lr_plateau_patience - 1, threshold=0.0, min_lr=self.min_lr)
-
-    def _save_best(self, r: int) -> None:
-        """Lightning-format ``best.ckpt``; under FedBN it holds this site's batch-norm layers.
-
-        Every site leader writes ``site-<rank>/best.ckpt``; site 0 also writes the run's ``best.ckpt``.
-        """
-        self.best_model_path = str(ckpt.site_dir(self.run_dir, self.federation.site_rank) / ckpt.BEST_FILE)
-        if self.site.is_leader:
-            ckpt.save_best(self.site.model, self.run_dir, self.federation.site_rank, epoch=r,
-                           global_step=self.global_step)
+    def _sampling(self) -> SiteSampling:
+        return SiteSampling(self.seed, self.sites_per_round, self.federation.num_sites)
 
     def _resume(self, ckpt_path: str) -> None:
         """Restore weights, optimizer, strategy, counters and random state from a round checkpoint."""
         site = self.site
         path = self.run_dir / ckpt.ROUND_FILE if ckpt_path == "last" else Path(ckpt_path)
         self.state, self.global_step, plateau_state = ckpt.restore_round(
-            path, self.federation.site_rank, site.model, site.optimizer, self.strategy, self._sampling_rule()
+            path, self.federation.site_rank, site.model, site.optimizer, self.strategy, self._sampling().as_dict()
         )
         if self._plateau is not None and plateau_state is not None:
             self._plateau.load_state_dict(plateau_state)
         best = ckpt.site_dir(path.parent, self.federation.site_rank) / ckpt.BEST_FILE
         self.best_model_path = str(best) if best.is_file() else None
-        history = self.run_dir / HISTORY_FILE
-        if site.is_global_leader and history.is_file():  # keep the rounds run before the interruption
-            self._history_before_resume = [h for h in read_json(history) if h["round"] <= self.state.round]
+        if site.is_global_leader:  # keep the rounds run before the interruption
+            self._history_before_resume = history_until(self.run_dir, self.state.round)
         log.info("%s: resumed from %s after round %d", site.name, path, self.state.round)
 
-    def _share_target_mean(self, model: Any, datamodule: Any) -> None:
-        """Pooled mean (and SD) of the training labels for models that centre and scale their output on them.
-
-        Only the sum, count and sum of squares of each site's labels cross.
-        """
-        if not (hasattr(model, "set_target_mean") and hasattr(datamodule, "train_target_stats")):
-            return
-        stats = [float(v) for v in datamodule.train_target_stats()]
-        total = self.site.link.all_reduce(torch.tensor(stats, dtype=torch.float64), "label_stats").tolist()
-        if total[1] <= 0:
-            raise RuntimeError("no site has labelled training examples; cannot set the target mean")
-        if hasattr(model, "set_target_stats"):
-            model.set_target_stats(*model.label_moments(total))
-        else:
-            model.set_target_mean(total[0] / total[1])
-
-    # ------------------------------------------------------------------------------------------------
-    # Evaluation across the federation (validate / test)
-    # ------------------------------------------------------------------------------------------------
     def _evaluate_federation(
         self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, dataloaders: Any
     ) -> dict[str, dict[str, float]]:
@@ -467,28 +374,15 @@ class FederatedTrainer:
             ckpt_path = self.best_model_path
         site = self.site
         site.launch()
-        dataloaders = site.stage_loaders(stage, datamodule, dataloaders)
+        loaders = site.stage_loaders(stage, datamodule, dataloaders)
         site.setup(model, with_optimizer=False)
         site.load_weights(ckpt_path)
-        site.link.connect()
-        loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        rows = evaluate_federation(
-            site, [site.setup_eval_loader(loader) for loader in loaders], datamodule,
-            "test_step" if stage == "test" else "validation_step", baseline_prediction(model),
-        )
-        if site.is_global_leader:
-            print(f"\n{stage} ({self.run_name}, {self.federation.num_sites} site(s))\n{format_table(rows)}", flush=True)
-            write_json(self.run_dir / metrics_file(stage), rows)
-        site.launched().log_dict(
-            {f"{stage}/{name}/{key}": value for name, row in rows.items() for key, value in row.items()},
-            step=max(self.state.round, 1),
-        )
-        for lg in self.loggers:
-            lg.save()
-        return rows
+        return evaluation_stage(site, stage, loaders, datamodule, baseline_prediction(model), self.run_name,
+                                step=max(self.state.round, 1))
 
-    def _log_hyperparams(self, model: Any) -> None:
-        params = {
+    def hyperparameters(self, model: Any) -> dict[str, Any]:
+        """The run's settings as the loggers record them."""
+        return {
             "rounds": self.rounds, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
             "precision": self.precision, "devices": str(self.devices), "num_nodes": self.site.num_nodes,
             "strategy": repr(self.strategy), "sites_per_round": self.sites_per_round, "patience": self.patience,
@@ -496,14 +390,9 @@ class FederatedTrainer:
             "site_rank": self.federation.site_rank, "site_name": self.site.name, "seed": self.seed,
             "model": type(model).__name__,
         }
-        for lg in self.loggers:
-            lg.log_hyperparams(params)
 
 
 #: The validation metrics logged per round, for the site alone and pooled over the federation.
 _ROUND_METRICS = ("loss", "mae", "r", "n", "baseline_mae")
 
-
-def _learning_rates(optimizer: Any) -> list[float]:
-    return [float(g["lr"]) for g in optimizer.param_groups]
 

@@ -70,13 +70,3 @@ class AgeBins:
         self.bin_width = float(bin_width)
         self.n_bins = int(round(n_bins))
         self.centers = low + bin_width * (torch.arange(self.n_bins, dtype=torch.float32) + 0.5)
-
-    def clip(self, age: torch.Tensor) -> torch.Tensor:
-        """Ages clipped into the covered range."""
-        return age.clamp(self.age_range[0], self.age_range[1])
-
-    def soft_labels(self, target_age: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-        return gaussian_soft_labels(target_age, self.centers, sigma)
-
-    def expectation(self, log_probs: torch.Tensor) -> torch.Tensor:
-        return expected_value(log_probs, self.centers)
