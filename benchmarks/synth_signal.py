@@ -1,9 +1,18 @@
-"""Is there a learnable age / SDMT signal in synthetic sites?
+"""Is there a learnable age / SDMT signal in synthetic sites, and how much?
 
-For every site folder under --root, computes one hand-made image feature per scan (share of dark, CSF-like
-voxels inside the brain mask: it grows with ventricle enlargement and cortical thinning) and prints its
-Pearson correlation with age per site; for MS sites also r(SDMT, age) and r(SDMT, lesion load).
-A feature this crude reaching |r| >= 0.5 means a CNN has something real to learn.
+Healthy and MS sites: one hand-made image feature per scan (share of dark, CSF-like voxels inside the brain
+mask: it grows with ventricle enlargement and cortical thinning) and its Pearson r with age per site; for
+MS sites also r(SDMT, age) and r(SDMT, lesion load). A feature this crude reaching |r| >= 0.5 means a CNN
+has something real to learn.
+
+MS sites, the ceiling and the floor of the SDMT task, all held-out (k-fold by subject, ridge on
+standardised inputs):
+  oracle      linear model on the true simulated variables (sourcedata/latents.tsv): age, sex, log lesion
+              load, thalamic loss, atrophy gap, disease duration. Education and noise stay unexplained.
+  image       linear model on two image features: CSF-like and lesion-like voxel fractions.
+  mean        predict the training folds' mean SDMT.
+A last row gives the oracle on 20,000 drawn MS subjects (latents only, no images): the ceiling without
+small-sample noise.
 
     python benchmarks/synth_signal.py --root synth/          # existing sites
     python benchmarks/synth_signal.py --generate 30           # synthesise into a temp dir first
@@ -22,15 +31,34 @@ from scipy import ndimage, stats
 
 from neurofed.data.synth import DEFAULT_SITES, generate_site, read_tsv
 
+ORACLE_COLUMNS = ("age", "log_lesion", "thalamic_loss", "atrophy_gap", "disease_duration", "female")
+FOLDS = 5
+RIDGE = 1.0
 
-def dark_fraction(path: Path) -> float:
-    """Share of voxels darker than half the WM level inside a filled, smoothed brain mask."""
+
+def _normalised(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """Image scaled to its 99.5th percentile, a filled brain mask, and the WM level inside it."""
     img = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     img = img / max(float(np.percentile(img, 99.5)), 1e-6)
     mask = ndimage.binary_fill_holes(ndimage.gaussian_filter(img, 1.0) > 0.2)
     mask = ndimage.binary_erosion(mask, iterations=1)
-    wm = float(np.percentile(img[mask], 90))
+    return img, mask, float(np.percentile(img[mask], 90))
+
+
+def dark_fraction(path: Path) -> float:
+    """Share of voxels darker than half the WM level inside a filled, smoothed brain mask."""
+    img, mask, wm = _normalised(path)
     return float((img[mask] < 0.5 * wm).mean())
+
+
+def image_features(path: Path) -> tuple[float, float]:
+    """CSF-like fraction and lesion-like fraction (dark voxels surrounded mostly by WM-bright voxels)."""
+    img, mask, wm = _normalised(path)
+    csf_like = float((img[mask] < 0.5 * wm).mean())
+    bright = (img > 0.85 * wm).astype(np.float32)
+    wm_around = ndimage.uniform_filter(bright, size=3) >= 0.5
+    lesion_like = float((mask & wm_around & (img < 0.75 * wm)).sum() / max(int(mask.sum()), 1))
+    return csf_like, lesion_like
 
 
 def _first_scan(site_dir: Path, pid: str) -> Path | None:
@@ -65,6 +93,83 @@ def site_signal(site_dir: Path) -> dict[str, float]:
     return out
 
 
+def heldout_predictions(x: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """k-fold held-out predictions of a ridge fit on standardised columns (an empty x gives the mean)."""
+    n = len(y)
+    order = np.random.default_rng(seed).permutation(n)
+    pred = np.empty(n)
+    for k in range(min(folds, n)):
+        test = order[k::min(folds, n)]
+        train = np.setdiff1d(order, test)
+        mu_y = y[train].mean()
+        if x.shape[1] == 0:
+            pred[test] = mu_y
+            continue
+        mu, sd = x[train].mean(0), x[train].std(0)
+        sd[sd == 0] = 1.0
+        z = (x[train] - mu) / sd
+        beta = np.linalg.solve(z.T @ z + RIDGE * np.eye(z.shape[1]), z.T @ (y[train] - mu_y))
+        pred[test] = mu_y + ((x[test] - mu) / sd) @ beta
+    return pred
+
+
+def _scores(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    return float(1.0 - np.mean((y - pred) ** 2) / np.var(y)), float(np.mean(np.abs(y - pred)))
+
+
+def _oracle_matrix(rows: list[dict[str, float]]) -> np.ndarray:
+    return np.array([[r[c] for c in ORACLE_COLUMNS] for r in rows], dtype=np.float64)
+
+
+def ms_ceiling(site_dir: Path) -> dict[str, float] | None:
+    """Held-out oracle, image-feature and mean SDMT predictions of an MS site (None when not MS)."""
+    latents_path = site_dir / "sourcedata" / "latents.tsv"
+    if not latents_path.exists():
+        return None
+    first: dict[str, dict[str, float]] = {}
+    for row in read_tsv(latents_path):
+        if row["participant_id"] in first or float(row["lesion_ml"]) <= 0:
+            continue
+        first[row["participant_id"]] = {
+            "age": float(row["age"]), "log_lesion": float(np.log(float(row["lesion_ml"]))),
+            "thalamic_loss": float(row["thalamic_loss"]), "atrophy_gap": float(row["atrophy_gap"]),
+            "disease_duration": float(row["disease_duration"]), "female": float(row["sex"] == "F"),
+            "sdmt": float(row["sdmt"]),
+        }
+    pids = [p for p in sorted(first) if _first_scan(site_dir, p) is not None]
+    if len(pids) < 4:
+        return None
+    y = np.array([first[p]["sdmt"] for p in pids])
+    oracle = heldout_predictions(_oracle_matrix([first[p] for p in pids]), y)
+    feats = np.array([image_features(_first_scan(site_dir, p)) for p in pids])
+    image = heldout_predictions(feats, y)
+    mean = heldout_predictions(np.empty((len(y), 0)), y)
+    out = {"n": len(y)}
+    out["oracle_r2"], out["oracle_mae"] = _scores(y, oracle)
+    out["image_r2"], out["image_mae"] = _scores(y, image)
+    out["mean_r2"], out["mean_mae"] = _scores(y, mean)
+    out["r_csf_sdmt"], _ = _r(feats[:, 0], y)
+    out["r_lesionlike_lesion"], _ = _r(feats[:, 1], np.array([first[p]["log_lesion"] for p in pids]))
+    return out
+
+
+def population_ceiling(n: int = 20_000, seed: int = 0) -> dict[str, float]:
+    """The oracle on ``n`` drawn MS subjects (no images): R^2 and MAE without small-sample noise."""
+    from neurofed.data.synth.demographics import draw_subject, scan_state
+
+    rng = np.random.default_rng(seed)
+    subjects = [draw_subject(rng, "s", "ms", (20.0, 65.0)) for _ in range(n)]
+    states = [scan_state(s) for s in subjects]
+    rows = [{"age": st.age, "log_lesion": float(np.log(st.lesion_ml)), "thalamic_loss": st.thalamic_loss,
+             "atrophy_gap": st.bio_age - st.age, "disease_duration": st.duration, "female": float(s.sex == "F")}
+            for s, st in zip(subjects, states)]
+    y = np.array([st.sdmt for st in states])
+    out = {"n": n}
+    out["oracle_r2"], out["oracle_mae"] = _scores(y, heldout_predictions(_oracle_matrix(rows), y))
+    out["mean_r2"], out["mean_mae"] = _scores(y, heldout_predictions(np.empty((n, 0)), y))
+    return out
+
+
 def format_rows(results: dict[str, dict[str, float]]) -> str:
     header = f"{'site':<12}{'n':>5}  {'r(feat,age)':>12} {'p':>9}  {'r(sdmt,age)':>12} {'p':>9}  " \
              f"{'r(sdmt,lesion)':>15} {'p':>9}"
@@ -77,6 +182,17 @@ def format_rows(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_ceiling(results: dict[str, dict[str, float]]) -> str:
+    header = (f"{'SDMT, held-out':<22}{'n':>6}  {'oracle R2':>9} {'MAE':>6}  {'image R2':>9} {'MAE':>6}  "
+              f"{'mean MAE':>8}")
+    lines = [header, "-" * len(header)]
+    for site, r in results.items():
+        image = f"{r['image_r2']:>9.2f} {r['image_mae']:>6.2f}" if "image_mae" in r else f"{'':>9} {'':>6}"
+        lines.append(f"{site:<22}{r['n']:>6}  {r['oracle_r2']:>9.2f} {r['oracle_mae']:>6.2f}  {image}  "
+                     f"{r['mean_mae']:>8.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, help="folder holding one BIDS folder per site")
@@ -84,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="first synthesise N subjects per site (healthy and MS sites) into a temp dir")
     parser.add_argument("--resolution", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--site-effect", type=float, default=1.0, help="scanner difference scale for --generate")
+    parser.add_argument("--population", type=int, default=20_000,
+                        help="drawn MS subjects for the latent-only oracle row (0: skip)")
     args = parser.parse_args(argv)
     if args.root is None and args.generate is None:
         parser.error("give --root DIR or --generate N")
@@ -91,13 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         root = args.root or Path(tmp)
         if args.generate:
             for site in DEFAULT_SITES["healthy"] + DEFAULT_SITES["ms"]:
-                generate_site(root, site, args.generate, resolution=args.resolution, seed=args.seed)
+                generate_site(root, site, args.generate, resolution=args.resolution, seed=args.seed,
+                              site_effect=args.site_effect, progress=False)
         site_dirs = sorted(p.parent for p in root.glob("*/participants.tsv"))
         if not site_dirs:
             print(f"no site folders with participants.tsv under {root}", file=sys.stderr)
             return 1
         results = {d.name: site_signal(d) for d in site_dirs}
+        ceilings = {d.name: c for d in site_dirs if (c := ms_ceiling(d)) is not None}
     print(format_rows(results))
+    if ceilings:
+        if args.population:
+            ceilings["all MS (latents only)"] = population_ceiling(args.population)
+        print()
+        print(format_ceiling(ceilings))
     return 0
 
 

@@ -38,11 +38,11 @@ def test_fit_tests_best_model_and_writes_predictions(tmp_path, tiny_sites, capsy
         assert site in out
     module = BrainAgeModule.load_from_checkpoint(best, map_location="cpu")
     assert module.hparams.channels == [2, 4, 4, 4, 4, 4]
-    table = tiny_sites[0] / "derivatives" / "neurofed" / "desc-age_predictions.tsv"
-    rows = list(csv.DictReader(open(table), delimiter="\t"))
-    assert {"participant_id", "session", "split", "age", "prediction", "gap", "gap_corrected"} <= set(rows[0])
+    run = tiny_sites[0] / "derivatives" / "neurofed" / "runs" / "brain_age_cpu"
+    rows = list(csv.DictReader(open(run / "desc-age_predictions.tsv"), delimiter="\t"))
+    assert {"participant_id", "session_id", "split", "age", "prediction", "gap", "gap_corrected"} <= set(rows[0])
     assert {r["split"] for r in rows} >= {"train", "test"}
-    assert (tiny_sites[0] / "derivatives" / "neurofed" / "desc-age_scatter.png").is_file()
+    assert (run / "figures" / "desc-age_scatter.png").is_file()
     assert (tmp_path / "runs" / "brain_age_cpu" / "config-fit.yaml").is_file()
 
 
@@ -51,7 +51,7 @@ def test_predict_subcommand_writes_bids_derivatives(tmp_path, tiny_bids, capsys,
     args = [*_tiny_args(tmp_path, [tiny_bids]), "--data.resident", resident]
     assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args, "--model.init_args.channels", "[2,2,2,2,2,2]"]) == 0
     ckpt = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "best.ckpt"
-    table = tiny_bids / "derivatives" / "neurofed" / "desc-age_predictions.tsv"
+    table = tiny_bids / "derivatives" / "neurofed" / "runs" / "brain_age_cpu" / "desc-age_predictions.tsv"
     table.unlink()
     assert main(["predict", "--config", "configs/brain_age_cpu.yaml", *args, "--ckpt_path", str(ckpt)]) == 0
     rows = list(csv.DictReader(open(table), delimiter="\t"))

@@ -86,7 +86,8 @@ class NeurofedCLI(LightningCLI):
             from neurofed.plots import loss_per_round
 
             curve = [row["val/pooled/loss"] for row in self.trainer.history]
-            written.append(loss_per_round({"pooled validation loss": curve}, self.trainer.run_dir / "val_loss.png"))
+            written.append(loss_per_round({"pooled validation loss": curve}, self.trainer.run_dir / "val_loss.png",
+                                          run=self.trainer.run_name, strategy=type(self.trainer.strategy).__name__))
         if self.trainer.site.is_leader:
             print(f"best global model: {self.trainer.best_model_path}")
             for path in written:
@@ -103,7 +104,9 @@ class NeurofedCLI(LightningCLI):
         outputs = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if not outputs or not self.trainer.site.is_leader:
             return []
-        return write_predictions(outputs, datamodule, model)
+        checkpoint = self.trainer.best_model_path if ckpt_path == "best" else ckpt_path
+        return write_predictions(outputs, datamodule, model, run_name=self.trainer.run_name, checkpoint=checkpoint,
+                                 strategy=type(self.trainer.strategy).__name__)
 
 
 def _num_channels(data: BrainMRIDataModule) -> int:

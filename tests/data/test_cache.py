@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 import neurofed.data.cache as cache_module
-from neurofed.data import PreprocessConfig, VolumeCache, default_cache_dir, file_digest, index_bids
+from neurofed.data import (
+    PreprocessConfig,
+    VolumeCache,
+    default_cache_dir,
+    file_digest,
+    index_bids,
+)
 
 CONFIG = PreprocessConfig(spacing=4.0, shape=(16, 20, 16))
 
@@ -14,9 +20,9 @@ def counting(monkeypatch):
     calls = []
     real = cache_module.preprocess
 
-    def counted(paths, config):
+    def counted(paths, config, notes=None):
         calls.append(paths)
-        return real(paths, config)
+        return real(paths, config, notes)
 
     monkeypatch.setattr(cache_module, "preprocess", counted)
     return calls

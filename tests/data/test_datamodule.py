@@ -102,3 +102,67 @@ def test_lightning_trainer_calls_the_hook(tiny_bids, tmp_path, resident):
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(Probe(), datamodule=_dm(str(tiny_bids), tmp_path, resident=resident))
     assert seen and all("augment" not in keys and "volume" not in keys and "image" in keys for keys in seen)
+
+
+def _small(make_bids, tmp_path, **kwargs):
+    return make_bids(tmp_path / "ds", n_subjects=4, sessions_every=0, shape=(16, 16, 16), **kwargs)
+
+
+def test_no_usable_training_scans_is_one_line_naming_root_and_causes(make_bids, tmp_path):
+    root = _small(make_bids, tmp_path)
+    for t1 in root.glob("sub-*/anat/*_T1w.nii.gz"):
+        t1.write_bytes(b"")  # placeholders, as a half-finished copy leaves them
+    dm = _dm(str(root), tmp_path)
+    dm.prepare_data()
+    with pytest.raises(NeurofedDataError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{root}: no usable training scans")
+    assert "0 of 4 indexed scan(s) readable; unreadable (empty file): 4" in message
+    assert all(issue.message.startswith(issue.path) for issue in dm.report["unreadable"])  # its own file each
+    with pytest.raises(NeurofedDataError, match="no usable scans"):
+        _dm(str(root), tmp_path).setup("predict")
+
+
+def test_filter_that_empties_the_dataset_is_the_stated_cause(make_bids, tmp_path):
+    root = _small(make_bids, tmp_path)
+    with pytest.raises(NeurofedDataError, match="no usable training scans .*no scan matches acq=mprage: 4"):
+        _dm(str(root), tmp_path, acq="mprage").setup("fit")
+
+
+@pytest.mark.parametrize("damage", ["no participants.tsv", "no label column"])
+def test_predict_needs_no_labels_but_fit_does(make_bids, tmp_path, damage):
+    root = _small(make_bids, tmp_path, label_columns=("sex",) if damage == "no label column" else ("age",))
+    if damage == "no participants.tsv":
+        (root / "participants.tsv").unlink()
+    dm = _dm(str(root), tmp_path)
+    dm.prepare_data()
+    dm.setup("predict")
+    assert len(dm.predict_records) == 4 and all(math.isnan(r.label) for r in dm.predict_records)
+    assert dm.report.ok and any("fine for predict" in n for n in dm.report.notes)
+    batch = next(iter(dm.predict_dataloader()))
+    assert torch.isnan(batch["target"]).all()
+    expected = "missing participants.tsv" if damage == "no participants.tsv" else "label column 'age' not found"
+    with pytest.raises(NeurofedDataError, match=expected):
+        dm.setup("fit")  # the same data module, now for training
+
+
+def test_unreadable_file_is_decoded_and_warned_about_once(make_bids, tmp_path, caplog, monkeypatch):
+    import neurofed.data.cache as cache_module
+
+    root = _small(make_bids, tmp_path)
+    bad = root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 50)  # a gzip header and nothing readable after it
+    decoded = []
+    real = cache_module.preprocess
+    monkeypatch.setattr(cache_module, "preprocess", lambda p, c, n=None: decoded.append(p) or real(p, c, n))
+    dm = _dm(str(root), tmp_path)
+    with caplog.at_level("INFO"):
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.setup("test")
+    assert sum(str(bad) in str(p) for p in decoded) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum(str(bad) in w for w in warnings) == 1
+    (line,) = [line for w in warnings for line in w.splitlines() if str(bad) in line]
+    assert line.count(str(bad)) == 1 and "[unreadable]" in line

@@ -18,6 +18,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neurofed.data.entities import (
+    FILTER_ENTITIES,
+    AnatFile,
+    Choice,
+    choice_note,
+    describe,
+    filter_files,
+    parse_entities,
+    select_scan,
+)
 from neurofed.data.validation import NeurofedDataError, ValidationReport
 
 log = logging.getLogger(__name__)
@@ -63,7 +73,7 @@ def _strip(prefix: str, value: str | None) -> str | None:
     if value is None:
         return None
     value = str(value)
-    return value[len(prefix):] if value.startswith(prefix) else value
+    return value.removeprefix(prefix)
 
 
 def _read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -86,15 +96,25 @@ def _parse_value(value: str, *, path: Path, who: str, column: str) -> float:
         ) from None
 
 
+def _labels_unavailable(message: str, report: ValidationReport, require_labels: bool) -> None:
+    """Without labels a dataset can still be predicted; training needs them, so only then is it an error."""
+    if require_labels:
+        raise NeurofedDataError(message)
+    report.note(f"{message.split('; ')[0]}: labels are n/a, which is fine for predict (fit needs them)")
+
+
 def _read_participants(
-    root: Path, label: str, report: ValidationReport, strict: bool
-) -> dict[str, float]:
+    root: Path, label: str, report: ValidationReport, strict: bool, require_labels: bool = True
+) -> dict[str, float] | None:
+    """Labels by participant; None when the file or the label column is absent and labels are optional."""
     path = root / "participants.tsv"
     if not path.is_file():
-        raise NeurofedDataError(
+        _labels_unavailable(
             f"{path}: missing participants.tsv; create a tab-separated file with columns "
-            f"participant_id and {label} (n/a for unknown values)."
+            f"participant_id and {label} (n/a for unknown values).",
+            report, require_labels,
         )
+        return None
     columns, rows = _read_tsv(path)
     if "participant_id" not in columns:
         raise NeurofedDataError(
@@ -102,10 +122,12 @@ def _read_participants(
             "add participant_id as the first column."
         )
     if label not in columns:
-        raise NeurofedDataError(
+        _labels_unavailable(
             f"{path}: label column {label!r} not found; available columns: {', '.join(columns)}. "
-            "Pass one of them as label=... or add the column."
+            "Pass one of them as label=... or add the column.",
+            report, require_labels,
         )
+        return None
     labels: dict[str, float] = {}
     for row in rows:
         pid = row["participant_id"]
@@ -141,26 +163,7 @@ def _session_ages(subject_dirs: list[Path], pid: str) -> dict[str, float]:
     return {}
 
 
-def _parse_entities(text: str) -> dict[str, str]:
-    pairs = (item.split("-", 1) for item in text.strip("_").split("_") if item)
-    return {key: value for key, value in pairs}
-
-
-def _same_run(found: str, wanted: str) -> bool:
-    """``run-01`` and ``run-1`` are the same run."""
-    if found.isdigit() and wanted.isdigit():
-        return int(found) == int(wanted)
-    return found == wanted
-
-
-def _run_order(entities: dict[str, str]) -> tuple:
-    """Sort key whose maximum is the preferred scan: plainest acquisition, then last run."""
-    run = entities.get("run", "")
-    other = tuple(sorted((k, v) for k, v in entities.items() if k != "run"))
-    return (-len(other), other, int(run) if run.isdigit() else -1, run)
-
-
-def _anat_files(session_dir: Path) -> list[tuple[Path, str, dict[str, str]]]:
+def _anat_files(session_dir: Path) -> list[AnatFile]:
     anat = session_dir / "anat"
     if not anat.is_dir():
         return []
@@ -168,41 +171,12 @@ def _anat_files(session_dir: Path) -> list[tuple[Path, str, dict[str, str]]]:
     for path in sorted(anat.iterdir()):
         match = _FILE_RE.match(path.name)
         if match and path.is_file():
-            found.append((path, match["suffix"], _parse_entities(match["entities"])))
+            found.append((path, match["suffix"], parse_entities(match["entities"])))
     return found
 
 
-def _select_scan(
-    files: list[tuple[Path, str, dict[str, str]]],
-    modalities: tuple[str, ...],
-    acq: str | None,
-    run: str | None,
-    where: str,
-    report: ValidationReport,
-) -> tuple[dict[str, Path], dict[str, str]] | None:
-    """Pick one set of files (one per modality) sharing the same acq/run/... entities."""
-    by_entities: dict[tuple, dict[str, Path]] = {}
-    for path, suffix, entities in files:
-        if suffix not in modalities:
-            continue
-        if acq is not None and entities.get("acq") != acq:
-            continue
-        if run is not None and not _same_run(entities.get("run", ""), run):
-            continue
-        key = tuple(sorted((k, v) for k, v in entities.items() if k != "ses"))
-        by_entities.setdefault(key, {})[suffix] = path
-    complete = [k for k, mods in by_entities.items() if all(m in mods for m in modalities)]
-    if not complete:
-        return None
-    complete.sort(key=lambda k: _run_order(dict(k)))
-    chosen = complete[-1]
-    if len(complete) > 1:
-        report.note(
-            f"{where}: {len(complete)} matching scans, using the last "
-            f"({', '.join(f'{k}-{v}' for k, v in chosen) or 'no entities'}); pass acq=/run= to choose"
-        )
-    mods = by_entities[chosen]
-    return {m: mods[m] for m in modalities}, dict(chosen)
+def _shown(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def index_bids(
@@ -215,12 +189,28 @@ def index_bids(
     derivatives: str | None = None,
     strict: bool = False,
     site: str | None = None,
+    *,
+    space: str | None = None,
+    desc: str | None = None,
+    res: str | None = None,
+    require_labels: bool = True,
 ) -> tuple[list[ScanRecord], ValidationReport]:
     """Index one BIDS dataset.
 
     Returns the scans (sorted by participant and session; a scan is kept when
     all ``modalities`` exist with the same entities, label NaN when unknown) and
     the report of soft issues. ``strict=True`` raises on any issue.
+
+    Args:
+        session, acq, run: keep only scans with this entity (``"ses-1"`` or ``"1"``, ...).
+        space, desc, res: the same for derivatives (``space="MNI152NLin2009cAsym"``, ``desc="preproc"``,
+            ``res="2"``); without them a subject with several candidates gets the one with the fewest
+            entities (native space) and a note says so.
+        require_labels: ``False`` (for predict) accepts a dataset without ``participants.tsv`` or without
+            the label column: labels are n/a and a note says so.
+
+    A filter that matches none of a subject's scans is counted in ``report.filtered`` and noted with the
+    subjects and the values present.
     """
     root = Path(root)
     modalities = tuple(modalities)
@@ -231,7 +221,7 @@ def index_bids(
             f"{root}: BIDS root not found; pass the folder that contains participants.tsv."
         )
     report = ValidationReport()
-    labels = _read_participants(root, label, report, strict)
+    labels = _read_participants(root, label, report, strict, require_labels)
     image_root = root
     if derivatives:
         image_root = root / "derivatives" / derivatives
@@ -243,50 +233,84 @@ def index_bids(
             )
     site = site or dataset_name(root)
     session = _strip("ses-", session)
-    acq = _strip("acq-", acq)
-    run = _strip("run-", run)
+    given = dict(zip(FILTER_ENTITIES, (acq, run, space, desc, res)))
+    filters = {key: _strip(f"{key}-", value) for key, value in given.items() if value is not None}
+    present: dict[str, set[str]] = {key: set() for key in ("ses", *filters)}
+    choices: dict[tuple, tuple[Choice, list[str]]] = {}
 
     subject_dirs = {p.name: p for p in sorted(image_root.glob("sub-*")) if p.is_dir()}
     records: list[ScanRecord] = []
-    for pid in sorted(set(subject_dirs) | set(labels)):
+    for pid in sorted(set(subject_dirs) | set(labels or {})):
         sub_dir = subject_dirs.get(pid)
         if sub_dir is None:
             report.add("missing_image", image_root / pid, f"{pid} is in participants.tsv but has no folder",
                        "add the scan or remove the row")
             continue
-        if pid not in labels:
+        if labels is not None and pid not in labels:
             report.add("not_in_participants", sub_dir, f"{pid} has images but no participants.tsv row",
                        "add a row (n/a for unknown values); kept for prediction only")
         ses_dirs = sorted(p for p in sub_dir.glob("ses-*") if p.is_dir())
         levels = [(_strip("ses-", p.name), p) for p in ses_dirs] or [("", sub_dir)]
         ages = _session_ages([sub_dir, root / pid], pid) if label == "age" else {}
-        found_any = False
+        found_any = session_matched = False
         for ses, ses_dir in levels:
             files = _anat_files(ses_dir)
-            if any(suffix == "T1w" for _, suffix, _ in files):
-                found_any = True
+            t1w = [entities for _, suffix, entities in files if suffix == "T1w"]
+            if not t1w:
+                continue
+            found_any = True
+            present["ses"].add(ses or "(none)")
+            for key in filters:
+                present[key].update(e.get(key, "(none)") for e in t1w)
             if session is not None and ses != session:
                 continue
-            chosen = _select_scan(files, modalities, acq, run, str(ses_dir), report)
-            if chosen is None:
-                if any(suffix == "T1w" for _, suffix, _ in files) and acq is None and run is None:
-                    missing = [m for m in modalities if not any(s == m for _, s, _ in files)]
-                    report.add("missing_image", ses_dir / "anat", f"no {', '.join(missing)} image",
-                               "add the missing modality or drop it from modalities")
+            session_matched = True
+            kept, emptied_by = filter_files(files, filters)
+            if emptied_by is not None:
+                report.filtered.setdefault(emptied_by, []).append(pid + (f" ses-{ses}" if ses else ""))
                 continue
-            paths, entities = chosen
-            value = labels.get(pid, math.nan)
+            chosen = select_scan(kept, modalities)
+            if chosen is None:
+                missing = [m for m in modalities if not any(s == m for _, s, _ in kept)]
+                report.add("missing_image", ses_dir / "anat", f"no {', '.join(missing)} image"
+                           + (f" matching {', '.join(f'{k}={v}' for k, v in filters.items())}" if filters else ""),
+                           "add the missing modality or drop it from modalities")
+                continue
+            if len(chosen.candidates) > 1:
+                group = (tuple(describe(c) for c in chosen.candidates), describe(chosen.entities))
+                choices.setdefault(group, (chosen, []))[1].append(pid + (f" ses-{ses}" if ses else ""))
+            value = (labels or {}).get(pid, math.nan)
             if ses and not math.isnan(ages.get(ses, math.nan)):
                 value = ages[ses]
-            records.append(ScanRecord(pid, ses, paths, value, site, entities))
-            if math.isnan(value) and pid in labels:
-                report.add("missing_label", paths["T1w"], f"{pid}: {label} is n/a",
+            records.append(ScanRecord(pid, ses, chosen.paths, value, site, chosen.entities))
+            if math.isnan(value) and labels is not None and pid in labels:
+                report.add("missing_label", chosen.paths["T1w"], f"{pid}: {label} is n/a",
                            "fill in the value; kept for prediction only")
         if not found_any:
             report.add("missing_image", sub_dir, f"{pid}: subject folder has no T1w image",
                        "add sub-X[/ses-Y]/anat/sub-X[_ses-Y]_T1w.nii.gz or remove the folder")
+        elif session is not None and not session_matched:
+            report.filtered.setdefault(f"session={session}", []).append(pid)
+    for chosen, where in choices.values():
+        report.note(choice_note(chosen, where, filters))
+    _note_filtered(report, image_root, present, bool(records))
     for text in report.notes:
         log.info(text)
     if strict:
         report.raise_if_issues()
     return records, report
+
+
+def _note_filtered(
+    report: ValidationReport, image_root: Path, present: dict[str, set[str]], any_kept: bool
+) -> None:
+    """A note per filter that dropped subjects, naming them and the values the dataset does have."""
+    for text, dropped in report.filtered.items():
+        key = "ses" if text.startswith("session=") else text.split("=", 1)[0]
+        values = ", ".join(sorted(present.get(key, set()))) or "none"
+        report.note(f"{text} matches no scan of {_shown(dropped)} in {image_root}; {key} values present: {values}")
+    if report.filtered and not any_kept:
+        report.note(
+            f"nothing in {image_root} matches {', '.join(report.filtered)}: 0 scans indexed; values present: "
+            + "; ".join(f"{k}: {', '.join(sorted(v)) or 'none'}" for k, v in present.items() if v)
+        )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from neurofed.atomic import atomic_write
+from neurofed.atomic import atomic_write, atomic_write_text
 from neurofed.data.bids import ScanRecord
 from neurofed.data.preprocessing import (
     PathsLike,
@@ -50,10 +50,22 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _build_entry(paths: list[Path], config: PreprocessConfig, target: Path) -> Path:
-    """Preprocess and store atomically (runs in worker processes too)."""
-    array = preprocess(paths, config)
-    return atomic_write(target, lambda fh: np.save(fh, array))
+def notes_path(target: Path) -> Path:
+    """Where the repairs made while building an entry are kept, so that a cache hit still reports them."""
+    return target.with_suffix(".notes.txt")
+
+
+def _build_entry(paths: list[Path], config: PreprocessConfig, target: Path) -> list[str]:
+    """Preprocess and store atomically (runs in worker processes too); returns the repair notes.
+
+    The notes are written before the entry, so an entry never exists without its notes.
+    """
+    notes: list[str] = []
+    array = preprocess(paths, config, notes)
+    if notes:
+        atomic_write_text(notes_path(target), "\n".join(notes) + "\n")
+    atomic_write(target, lambda fh: np.save(fh, array))
+    return notes
 
 
 def _init_worker() -> None:
@@ -71,12 +83,20 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork")
 
 
+def _failure_key(target: Path, record: ScanRecord) -> tuple[Path, tuple[str, ...]]:
+    """Contents and config (the entry) plus the paths: two empty files share an entry, not a message."""
+    return target, tuple(str(p) for p in record.paths.values())
+
+
 class VolumeCache:
     """Maps (file contents, config) to a preprocessed fp16 array on disk."""
 
     def __init__(self, cache_dir: str | Path | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._digests: dict[tuple[str, int, int], str] = {}
+        # Entries that failed to build in this process: a second ensure (prepare_data, then setup) reports
+        # them again without decoding the file or warning a second time.
+        self._failures: dict[tuple[Path, tuple[str, ...]], NeurofedDataError | OSError] = {}
 
     def _digest(self, path: Path) -> str:
         # Hashing is the dominant cost of a lookup; remember it while size and mtime are unchanged.
@@ -118,47 +138,65 @@ class VolumeCache:
     ) -> ValidationReport:
         """Fill missing entries; failures become "unreadable" issues, never a crash halfway.
 
-        Returns the report (the one passed in, or a new one). ``strict=True``
-        raises after the pass if any file failed.
+        Returns the report (the one passed in, or a new one), with one note counting the scans repaired
+        while loading (NaN background set to 0), on cache hits too. A file that failed earlier in this
+        process is reported again without being decoded again. ``strict=True`` raises after the pass if
+        any file failed.
         """
         report = report if report is not None else ValidationReport()
         todo: list[tuple[ScanRecord, Path]] = []
+        repairs: list[str] = []
         for record in records:
             try:
                 target = self.path_for(self.key(record.paths, config))
             except (NeurofedDataError, OSError) as exc:
                 self._fail(report, record, exc)
                 continue
-            if not target.is_file():
+            failed = self._failures.get(_failure_key(target, record))
+            if failed is not None:
+                self._fail(report, record, failed)
+            elif not target.is_file():
                 todo.append((record, target))
+            elif notes_path(target).is_file():
+                repairs += notes_path(target).read_text().splitlines()
         if todo:
             bar = tqdm(total=len(todo), desc="preprocessing scans", unit="scan")
             if num_workers > 1:
                 ctx = _mp_context()
                 with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker) as pool:
                     futures = {
-                        pool.submit(_build_entry, as_path_list(r.paths), config, t): r for r, t in todo
+                        pool.submit(_build_entry, as_path_list(r.paths), config, t): (r, t) for r, t in todo
                     }
                     for future in as_completed(futures):
+                        record, target = futures[future]
                         try:
-                            future.result()
+                            repairs += future.result()
                         except (NeurofedDataError, OSError) as exc:
-                            self._fail(report, futures[future], exc)
+                            self._failures[_failure_key(target, record)] = exc
+                            self._fail(report, record, exc)
                         bar.update()
             else:
                 for record, target in todo:
                     try:
-                        _build_entry(as_path_list(record.paths), config, target)
+                        repairs += _build_entry(as_path_list(record.paths), config, target)
                     except (NeurofedDataError, OSError) as exc:
+                        self._failures[_failure_key(target, record)] = exc
                         self._fail(report, record, exc)
                     bar.update()
             bar.close()
+        if repairs:
+            for text in repairs:
+                log.debug("%s", text)
+            report.note(f"{len(repairs)} file(s) with NaN/inf background outside the field of view, set to 0 "
+                        f"(first: {repairs[0]})")
         if strict and report["unreadable"]:
             report.raise_if_issues()
         return report
 
     @staticmethod
     def _fail(report: ValidationReport, record: ScanRecord, exc: Exception) -> None:
+        """Record the failure; the data module's summary is the one warning a run prints about it."""
         path = next(iter(record.paths.values()))
-        report.add("unreadable", path, str(exc), "skipped; fix or remove the file")
-        log.warning("skipping unreadable scan: %s", exc)
+        report.add("unreadable", path, str(exc), "skipped; fix or remove the file",
+                   reason=getattr(exc, "reason", "") or type(exc).__name__)
+        log.debug("unreadable scan: %s", exc)

@@ -28,7 +28,7 @@ from neurofed.data.dataset import CachedVolumeDataset, ResidentVolumeDataset
 from neurofed.data.preprocessing import PreprocessConfig
 from neurofed.data.resident import ResidentVolumes
 from neurofed.data.splits import split_subjects
-from neurofed.data.validation import ValidationReport
+from neurofed.data.validation import NeurofedDataError, ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,35 @@ log = logging.getLogger(__name__)
 class BrainMRIDataModule(L.LightningDataModule):
     """Brain MRI scans from one or more BIDS roots (one root = one site).
 
-    ``resident``: hold every scan of the site on the training device (fp16, ``C*D*H*W*2`` bytes each:
-    9.8 MB at 160x192x160) after the first batch, so loaders carry indices and no worker processes run. A
-    site that needs more than ``resident_max_fraction`` of the device's free memory is streamed from the
-    cache instead, with a warning. Batches, and hence training, are identical either way.
+    Args:
+        root: One BIDS dataset folder, or a list of them (one site each, pooled for a centralised run).
+        label: Column of ``participants.tsv`` to predict (``age``, ``sdmt``, ...). ``predict`` works without
+            it (labels n/a); ``fit``, ``validate`` and ``test`` need it.
+        modalities: Image suffixes stacked as channels, T1w first (e.g. ``[T1w, FLAIR]``).
+        session: Keep only this session (``ses-1`` or ``1``).
+        acq: Keep only scans with this ``acq-`` entity.
+        run: Keep only scans with this ``run-`` entity (``run-01`` matches ``1``).
+        derivatives: Read images from ``derivatives/<name>/`` (e.g. ``fmriprep``); labels still come from
+            the raw dataset.
+        space: Keep only derivatives in this ``space-`` (e.g. ``MNI152NLin2009cAsym``); without it, a subject
+            with several spaces gets the native one and a note says which filter to set.
+        desc: Keep only derivatives with this ``desc-`` entity (e.g. ``preproc``).
+        res: Keep only derivatives with this ``res-`` entity (e.g. ``2``).
+        spacing: Voxel size (mm) scans are resampled to.
+        shape: Grid (voxels) scans are cropped or padded to.
+        split: Train, validation and test fractions of each site's subjects.
+        split_seed: Seed of the subject split and of the training shuffle.
+        batch_size: Scans per batch.
+        num_workers: Loader and preprocessing worker processes.
+        cache_dir: Preprocessed-scan cache; default ``$NEUROFED_CACHE`` or ``~/.cache/neurofed``.
+        augment: GPU augmentation of training batches.
+        strict: Raise on any data issue instead of skipping the scan.
+        max_subjects: Use only the first N subjects of each site (quick trials).
+        resident: Hold every scan of the site on the training device (fp16, ``C*D*H*W*2`` bytes each: 9.8 MB
+            at 160x192x160) after the first batch, so loaders carry indices and no worker processes run. A
+            site that needs more than ``resident_max_fraction`` of the device's free memory is streamed from
+            the cache instead, with a warning. Batches, and hence training, are identical either way.
+        resident_max_fraction: Largest share of free device memory resident scans may take.
     """
 
     def __init__(
@@ -51,6 +76,9 @@ class BrainMRIDataModule(L.LightningDataModule):
         acq: str | None = None,
         run: str | None = None,
         derivatives: str | None = None,
+        space: str | None = None,
+        desc: str | None = None,
+        res: str | None = None,
         spacing: float = 2.0,
         shape: tuple[int, int, int] = (80, 96, 80),
         split: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -71,6 +99,7 @@ class BrainMRIDataModule(L.LightningDataModule):
         self.label = label
         self.modalities = ["T1w"] + [m for m in modalities if m != "T1w"]
         self.session, self.acq, self.run, self.derivatives = session, acq, run, derivatives
+        self.space, self.desc, self.res = space, desc, res
         self.config = PreprocessConfig(spacing=spacing, shape=tuple(shape))
         self.split = tuple(split)
         self.split_seed = split_seed
@@ -90,6 +119,7 @@ class BrainMRIDataModule(L.LightningDataModule):
         self.test_records: list[list[ScanRecord]] = [[] for _ in self.roots]
         self.predict_records: list[ScanRecord] = []
         self._datasets: dict[str, object] | None = None
+        self._labels_required = False  # whether the datasets were built with labels checked
 
     @property
     def num_channels(self) -> int:
@@ -99,13 +129,14 @@ class BrainMRIDataModule(L.LightningDataModule):
     def site_names(self) -> list[str]:
         return [dataset_name(r) for r in self.roots]
 
-    def _index(self) -> tuple[list[ScanRecord], ValidationReport]:
+    def _index(self, require_labels: bool = True) -> tuple[list[ScanRecord], ValidationReport]:
         records: list[ScanRecord] = []
         report = ValidationReport()
         for root, site in zip(self.roots, self.site_names):
             found, site_report = index_bids(
                 root, self.modalities, self.label, self.session, self.acq, self.run,
-                self.derivatives, strict=self.strict, site=site,
+                self.derivatives, strict=self.strict, site=site, space=self.space, desc=self.desc,
+                res=self.res, require_labels=require_labels,
             )
             if self.max_subjects is not None:
                 keep = set(sorted({r.participant_id for r in found})[: self.max_subjects])
@@ -115,13 +146,22 @@ class BrainMRIDataModule(L.LightningDataModule):
         return records, report
 
     def prepare_data(self) -> None:
-        records, report = self._index()
+        # Caching needs images only; setup checks the labels for the stage that needs them.
+        records, report = self._index(require_labels=False)
         self.cache.ensure(records, self.config, self.num_workers, report, strict=self.strict)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._datasets is not None:
+        """Index, cache, split by subject and build the datasets.
+
+        ``predict`` accepts a dataset without labels. Raises :class:`NeurofedDataError` (one line: the
+        roots and what kept scans out, by cause) when the stage has no usable scan, instead of a data
+        loader failing on an empty dataset later.
+        """
+        require_labels = stage != "predict"
+        if self._datasets is not None and (self._labels_required or not require_labels):
+            self._require_scans(stage)
             return
-        records, report = self._index()
+        records, report = self._index(require_labels)
         self.cache.ensure(records, self.config, self.num_workers, report, strict=self.strict)
         bad = {str(issue.path) for issue in report["unreadable"]}
         records = [r for r in records if str(next(iter(r.paths.values()))) not in bad]
@@ -145,6 +185,8 @@ class BrainMRIDataModule(L.LightningDataModule):
         (log.warning if not report.ok else log.info)("%s", report.summary())
         if self.strict:
             report.raise_if_issues()
+        self._n_indexed = len(records) + len(report["unreadable"])
+        self._labels_required = require_labels
         if self.resident and records:
             # Scans with identical contents share one cache entry, hence one slot in the store.
             entry = {id(r): self.cache.path_for(self.cache.key(r.paths, self.config)) for r in records}
@@ -161,10 +203,32 @@ class BrainMRIDataModule(L.LightningDataModule):
             "test": [make(recs) for recs in self.test_records],
             "predict": make(self.predict_records),
         }
+        self._require_scans(stage)
+
+    def _require_scans(self, stage: str | None) -> None:
+        """Raise the one-line :class:`NeurofedDataError` when ``stage`` has nothing to work on."""
+        # validate/test may find a site without held-out scans (a tiny site); the federation still runs.
+        split = "predict" if stage == "predict" else "train" if stage in ("fit", None) else None
+        if split is None:
+            return
+        records = self.predict_records if split == "predict" else self.train_records
+        if records:
+            return
+        what = "training " if split == "train" else ""
+        causes = ", ".join(f"{k}: {n}" for k, n in self.report.reasons().items() if n)
+        causes = causes or "no sub-*/anat/*_T1w.nii[.gz] found"
+        roots = ", ".join(str(r) for r in self.roots)
+        fix = "fix or replace the files the data validation summary lists"
+        if self.report.filtered:
+            fix = f"change {', '.join(self.report.filtered)} (the notes above list the values present) or {fix}"
+        raise NeurofedDataError(
+            f"{roots}: no usable {what}scans ({len(self.predict_records)} of {self._n_indexed} indexed scan(s) "
+            f"readable; {causes}); {fix}, or point --data.root at another dataset."
+        )
 
     def _require(self, name: str):
         if self._datasets is None:
-            self.setup()
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[name])
         return self._datasets[name]
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:

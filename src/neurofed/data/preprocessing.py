@@ -57,17 +57,22 @@ def as_path_list(paths: PathsLike) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def _scalar_image(path: Path) -> tio.ScalarImage:
-    data, affine = load_volume(path)
+def _scalar_image(path: Path, notes: list[str] | None) -> tio.ScalarImage:
+    data, affine = load_volume(path, notes)
     return tio.ScalarImage(tensor=torch.from_numpy(data)[None], affine=affine)
 
 
-def preprocess(paths: PathsLike, config: PreprocessConfig | None = None) -> np.ndarray:
-    """Return a float16 array ``[C, D, H, W]`` (C = modalities, first = reference grid)."""
+def preprocess(
+    paths: PathsLike, config: PreprocessConfig | None = None, notes: list[str] | None = None
+) -> np.ndarray:
+    """Return a float16 array ``[C, D, H, W]`` (C = modalities, first = reference grid).
+
+    Notes on repairs made while loading (NaN background set to 0) are appended to ``notes`` when given.
+    """
     config = config or PreprocessConfig()
     files = as_path_list(paths)
     names = [f"m{i}" for i in range(len(files))]
-    subject = tio.Subject({name: _scalar_image(path) for name, path in zip(names, files)})
+    subject = tio.Subject({name: _scalar_image(path, notes) for name, path in zip(names, files)})
     steps: list[tio.Transform] = [tio.ToCanonical(), tio.Resample(config.spacing)]
     if len(files) > 1:
         steps.append(tio.Resample(target=names[0], include=names[1:]))
@@ -81,7 +86,8 @@ def preprocess(paths: PathsLike, config: PreprocessConfig | None = None) -> np.n
     except Exception as exc:  # e.g. a blank image cannot be z-scored
         raise NeurofedDataError(
             f"{files[0]}: preprocessing failed ({exc}); check that the scan is a non-empty T1w "
-            "and that all modalities overlap in space."
+            "and that all modalities overlap in space.",
+            reason="preprocessing failed",
         ) from exc
     stacked = np.concatenate([out[name].data.numpy() for name in names], axis=0)
     return np.clip(stacked, -6e4, 6e4).astype(np.float16)

@@ -11,8 +11,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
-
 
 def split_subjects(
     subject_ids: Iterable[str],

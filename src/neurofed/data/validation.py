@@ -23,7 +23,18 @@ ISSUE_KINDS: tuple[str, ...] = (
 
 
 class NeurofedDataError(ValueError):
-    """A data problem with a message that names the file and the fix."""
+    """A data problem with a message that names the file and the fix.
+
+    ``reason`` is a short label of the kind of problem ("empty file", "CIFTI-2 file", ...), so that a
+    report can count skipped scans by cause instead of listing thousands of messages.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keeps ``reason`` when raised in a worker process
+        return (type(self), (str(self), self.reason))
 
 
 @dataclass(frozen=True)
@@ -34,9 +45,12 @@ class DataIssue:
     path: str
     message: str
     hint: str = ""
+    reason: str = ""
 
     def __str__(self) -> str:
-        text = f"[{self.kind}] {self.path}: {self.message}"
+        # Messages of NeurofedDataError already start with the path: print it once.
+        message = self.message.removeprefix(f"{self.path}: ")
+        text = f"[{self.kind}] {self.path}: {message}"
         return f"{text} ({self.hint})" if self.hint else text
 
 
@@ -48,16 +62,34 @@ class ValidationReport:
         default_factory=lambda: {kind: [] for kind in ISSUE_KINDS}
     )
     notes: list[str] = field(default_factory=list)
+    #: ``"acq=mprage"`` -> subjects that have scans, none of which this filter matches.
+    filtered: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, kind: str, path: str | Path, message: str, hint: str = "") -> DataIssue:
+    def add(
+        self, kind: str, path: str | Path, message: str, hint: str = "", reason: str = ""
+    ) -> DataIssue:
         if kind not in self.issues:
             raise ValueError(f"unknown issue kind {kind!r}; expected one of {ISSUE_KINDS}")
-        issue = DataIssue(kind, str(path), message, hint)
+        issue = DataIssue(kind, str(path), message, hint, reason)
         self.issues[kind].append(issue)
         return issue
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def reasons(self) -> dict[str, int]:
+        """Counts of what kept scans out, by cause: issue kinds (unreadable split by reason) and filters.
+
+        This is what a site operator needs when nothing is left to train on: "unreadable (empty file): 12"
+        says more than a list of twelve paths.
+        """
+        counts: dict[str, int] = {}
+        for issue in self:
+            name = f"{issue.kind} ({issue.reason})" if issue.reason else issue.kind
+            counts[name] = counts.get(name, 0) + 1
+        for text, subjects in self.filtered.items():
+            counts[f"no scan matches {text}"] = len(subjects)
+        return counts
 
     def __getitem__(self, kind: str) -> list[DataIssue]:
         return self.issues[kind]
@@ -69,11 +101,13 @@ class ValidationReport:
     def __len__(self) -> int:
         return sum(len(v) for v in self.issues.values())
 
-    def merge(self, other: "ValidationReport") -> "ValidationReport":
+    def merge(self, other: ValidationReport) -> ValidationReport:
         """Add another report's issues and notes to this one (in place) and return self."""
         for kind, items in other.issues.items():
             self.issues.setdefault(kind, []).extend(items)
         self.notes.extend(other.notes)
+        for text, subjects in other.filtered.items():
+            self.filtered.setdefault(text, []).extend(subjects)
         return self
 
     @property

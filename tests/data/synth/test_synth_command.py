@@ -50,3 +50,10 @@ def test_unknown_site_is_a_clear_error(tmp_path, capsys):
 def test_bad_choices_rejected(bad):
     with pytest.raises(SystemExit):
         parse(["--out", "x", bad])
+
+
+def test_bad_site_effect_is_refused_before_writing(tmp_path, capsys):
+    assert run(parse(["--out", str(tmp_path), "--sites", "ixi", "--site-effect", "-1"])) == 2
+    assert "site_effect must be within" in capsys.readouterr().err
+    assert not (tmp_path / "ixi").exists()
+    assert parse(["--out", "x"]).site_effect == 1.0

@@ -36,6 +36,7 @@ def test_benchmark_prints_table(tmp_path, bench, capsys):
     assert bench.main(["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "brussels" in out and "r(sdmt,lesion)" in out
+    assert "oracle R2" in out and "mean MAE" in out and "latents only" in out
 
 
 def test_ms_scores_fall_with_lesion_load_and_age():

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from neurofed.data.synth.generate import generate_site
+from neurofed.data.synth.site_effect import scaled_profile
 from neurofed.data.synth.sites import COHORTS, DEFAULT_SITES, SITES, get_site
 from neurofed.data.synth.summary import summarize_site
 from neurofed.data.synth.template import load_template
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", choices=("reference", "equal"), default="reference",
                         help="reference: keep the reference study's relative site sizes (at least "
                              f"{MIN_SITE_SUBJECTS} each); equal: --subjects per site")
+    parser.add_argument("--site-effect", type=float, default=1.0,
+                        help="scale of the scanner differences between sites: 0 = all sites one scanner, "
+                             "1 = published between-scanner differences (default), 2 = twice them")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
@@ -68,6 +72,8 @@ def format_summary(rows: dict[str, dict[str, float]]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         sites = parse_sites(args.sites, args.cohort)
+        for site in sites:  # check the scale before anything is written
+            scaled_profile(get_site(site), getattr(args, "site_effect", 1.0))
     except ValueError as err:
         print(f"neurofed synth: {err}", file=sys.stderr)
         return 2
@@ -77,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         path = generate_site(args.out, site, n, resolution=args.resolution, seed=args.seed,
                              cohort=args.cohort, session_fraction=args.sessions,
-                             progress=getattr(args, "progress", True))
+                             progress=getattr(args, "progress", True),
+                             site_effect=getattr(args, "site_effect", 1.0))
         rows[site] = summarize_site(path) | {"seconds_per_subject": (time.perf_counter() - start) / n}
     print(f"wrote {len(rows)} site(s) under {args.out}")
     print(format_summary(rows))

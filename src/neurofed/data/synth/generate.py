@@ -21,33 +21,27 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from neurofed.data.synth import anatomy, intensity, lesions
+from neurofed.data.synth.bids_metadata import (  # noqa: F401  (names re-exported for existing callers)
+    BIDS_VERSION,
+    GENERATOR_NAME,
+    MS_COLUMNS,
+    PARTICIPANT_COLUMNS,
+    t1w_sidecar,
+    write_dataset_files,
+    write_json,
+)
 from neurofed.data.synth.demographics import (
     ScanState,
     Subject,
     draw_subject,
     scan_state,
 )
+from neurofed.data.synth.site_effect import scaled_profile
 from neurofed.data.synth.sites import COHORT_AGE_RANGE, COHORTS, SiteProfile, get_site
 from neurofed.data.synth.template import load_template
 from neurofed.metrics import format_number
 
 log = logging.getLogger(__name__)
-
-GENERATOR_NAME = "neurofed synth"
-BIDS_VERSION = "1.9.0"
-
-PARTICIPANT_COLUMNS = {
-    "participant_id": {"Description": "Unique participant identifier"},
-    "age": {"Description": "Age at the first scan", "Units": "year"},
-    "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
-    "sdmt": {"Description": "Synthetic Symbol Digit Modalities Test score at the first scan",
-             "Units": "correct responses"},
-}
-MS_COLUMNS = {
-    "lesion_ml": {"Description": "T1-hypointense lesion volume at the first scan", "Units": "ml"},
-    "disease_duration": {"Description": "Time since MS onset at the first scan", "Units": "year"},
-}
-
 
 def stable_hash(text: str) -> int:
     """A process-independent 63-bit integer for ``text``."""
@@ -95,7 +89,7 @@ def synthesize_scan(subject: Subject, years: float, session_index: int, profile:
         if blobs:
             lesion_map = lesions.render_lesions(template.gm.shape, spacing, blobs, load, lesion_map)
 
-    gm, wm, csf = anatomy.aged_tissue(template, state.bio_age, state.deep_gm_loss, lesion_map)
+    gm, wm, csf = anatomy.aged_tissue(template, state.bio_age, state.thalamic_loss, lesion_map)
     shape, affine = site_grid(profile, resolution)
     coords = anatomy.sampling_grid(template, shape, affine, geometry, state.bio_age)
     gm, wm, csf = anatomy.warp((gm, wm, csf), coords)
@@ -117,6 +111,16 @@ def _clinical(state: ScanState, cohort: str) -> dict[str, str]:
     return row
 
 
+def _latent_row(subject: Subject, state: ScanState, session: str) -> dict[str, str]:
+    return {
+        "participant_id": subject.participant_id, "session_id": session, "age": f"{state.age:.2f}",
+        "sex": subject.sex, "bio_age": f"{state.bio_age:.2f}", "atrophy_gap": f"{state.bio_age - state.age:.2f}",
+        "disease_duration": f"{state.duration:.2f}", "lesion_ml": f"{state.lesion_ml:.3f}",
+        "wmh_ml": f"{state.wmh_ml:.3f}", "thalamic_loss": f"{state.thalamic_loss:.4f}",
+        "education": f"{subject.education:.3f}", "sdmt": f"{state.sdmt:.2f}",
+    }
+
+
 def _prepare_dir(site_dir: Path) -> None:
     """Refuse to overwrite foreign data; replace an earlier synthetic site completely (no stale subjects)."""
     if site_dir.exists() and any(site_dir.iterdir()):
@@ -134,14 +138,17 @@ def _prepare_dir(site_dir: Path) -> None:
 
 def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: float = 2.0, seed: int = 0,
                   cohort: str | None = None, session_fraction: float = 0.2,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, site_effect: float = 1.0) -> Path:
     """Write the synthetic BIDS dataset ``out_dir/<site>`` and return its path.
 
     ``cohort`` ("healthy" or "ms") defaults to the site's own population; naming the other one keeps the
     site's scanner but draws the other population. ``session_fraction`` of the subjects get a second
     session 1-3 years after the first (``ses-1``/``ses-2`` folders); the others have no session level.
+    ``site_effect`` scales the scanner differences between sites (0 = one scanner, 1 = published
+    differences, 2 = twice them); see ``site_effect.scaled_profile``. Besides the BIDS files, the true
+    simulated variables of every scan go to ``sourcedata/latents.tsv``.
     """
-    profile = get_site(site)
+    profile = scaled_profile(get_site(site), site_effect)
     cohort = cohort or profile.cohort
     if cohort not in COHORTS:
         raise ValueError(f"unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}")
@@ -160,7 +167,8 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
         n_sessions = max(n_sessions, 1)
     longitudinal = set(np.random.default_rng([seed, site_key]).permutation(n_subjects)[:n_sessions].tolist())
 
-    participants = []
+    participants, latents = [], []
+    sidecar = t1w_sidecar(profile, resolution, float(site_effect))
     start = time.perf_counter()
     for i in tqdm(range(n_subjects), desc=f"synth {profile.name}", unit="subject", disable=not progress):
         rng = np.random.default_rng([seed, site_key, i])
@@ -175,33 +183,26 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
             for k, years in enumerate((0.0, followup), start=1):
                 data, affine = synthesize_scan(subject, years, k, profile, resolution)
                 ses = f"ses-{k}"
-                write_nifti(site_dir / pid / ses / "anat" / f"{pid}_{ses}_T1w.nii.gz", data, affine)
+                stem = site_dir / pid / ses / "anat" / f"{pid}_{ses}_T1w"
+                write_nifti(stem.with_name(stem.name + ".nii.gz"), data, affine)
+                write_json(stem.with_name(stem.name + ".json"), sidecar)
                 state = scan_state(subject, years)
+                latents.append(_latent_row(subject, state, ses))
                 rows.append({"session_id": ses, "age": format_number(state.age, 1)} | _clinical(state, cohort))
             _write_tsv(site_dir / pid / f"{pid}_sessions.tsv", rows)
         else:
             data, affine = synthesize_scan(subject, 0.0, 0, profile, resolution)
-            write_nifti(site_dir / pid / "anat" / f"{pid}_T1w.nii.gz", data, affine)
+            stem = site_dir / pid / "anat" / f"{pid}_T1w"
+            write_nifti(stem.with_name(stem.name + ".nii.gz"), data, affine)
+            write_json(stem.with_name(stem.name + ".json"), sidecar)
+            latents.append(_latent_row(subject, first, "n/a"))
     elapsed = time.perf_counter() - start
     log.info("%s: %d subjects in %.1f s (%.2f s/subject)", profile.name, n_subjects, elapsed,
              elapsed / n_subjects)
 
     _write_tsv(site_dir / "participants.tsv", participants)
-    columns = dict(PARTICIPANT_COLUMNS) | (MS_COLUMNS if cohort == "ms" else {})
-    (site_dir / "participants.json").write_text(json.dumps(columns, indent=2) + "\n")
-    description = {
-        "Name": profile.name,
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "raw",
-        "License": "CC0",
-        "GeneratedBy": [{
-            "Name": GENERATOR_NAME,
-            "Description": (f"synthetic {cohort} cohort, seed {seed}, {resolution:g} mm, "
-                            f"{n_subjects} subjects, MNI ICBM152 2009 template anatomy"),
-        }],
-    }
-    (site_dir / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
-    (site_dir / "README").write_text(
-        f"Synthetic {cohort} brain MRI site '{profile.name}' written by {GENERATOR_NAME}. "
-        "Anatomy derives from the MNI ICBM152 2009 template; ages, scores and lesions are simulated.\n")
+    (site_dir / "sourcedata").mkdir(exist_ok=True)
+    _write_tsv(site_dir / "sourcedata" / "latents.tsv", latents)
+    write_dataset_files(site_dir, profile, cohort, seed, resolution, n_subjects, float(site_effect),
+                        has_sessions=bool(longitudinal))
     return site_dir

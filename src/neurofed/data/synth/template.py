@@ -16,6 +16,8 @@ from scipy import ndimage
 VENTRICLE_BOX = ((-30.0, 30.0), (-45.0, 25.0), (0.0, 35.0))
 # Deep grey matter (thalamus, basal ganglia) lives inside this box.
 DEEP_GM_BOX = ((-32.0, 32.0), (-40.0, 22.0), (-12.0, 22.0))
+# The thalami (MNI mm), both sides of the third ventricle; MS thalamic atrophy is rendered here.
+THALAMUS_BOX = ((-22.0, 22.0), (-36.0, -4.0), (-4.0, 18.0))
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Template:
     ventricle_center: np.ndarray  # mm
     ventricle_sigma: np.ndarray  # mm, spread of the ventricle region per axis
     deep_gm: np.ndarray  # bool mask
+    thalamic_weight: np.ndarray  # float32 over deep GM: 1 = thalamic loss rate, 0.5 elsewhere (see below)
     ribbon: np.ndarray  # float32, where cortical thinning removes GM (mean 1 over GM, high next to CSF)
     periventricular: np.ndarray  # int voxel indices [n, 3] of WM next to the ventricles
     juxtacortical: np.ndarray  # WM touching cortex
@@ -52,6 +55,25 @@ def _in_box(axes: list[np.ndarray], box) -> np.ndarray:
     for a, (lo, hi) in enumerate(box):
         m = m & (axes[a] > lo) & (axes[a] < hi)
     return m
+
+
+def _thalamic_weight(gm: np.ndarray, csf: np.ndarray, deep_gm: np.ndarray, thalamus_box: np.ndarray,
+                     ventricles: np.ndarray, resolution: float) -> np.ndarray:
+    """Where MS deep-GM loss falls: the thalamus, most next to the ventricles.
+
+    A shrinking thalamus shows on T1w as a wider third ventricle and a thinner thalamic rim, so the loss is
+    weighted by nearby ventricular CSF (as cortical thinning is weighted by sulcal CSF). The weights average
+    1 over thalamic GM, so a loss fraction f removes f of its GM volume; other deep GM (basal ganglia)
+    loses half that fraction, uniformly.
+    """
+    thalamus = deep_gm & thalamus_box
+    near = ndimage.gaussian_filter((ventricles | ((csf > 0.5) & thalamus_box)).astype(np.float32),
+                                   4.0 / resolution)
+    weight = np.where(deep_gm, 0.5, 0.0).astype(np.float32)
+    if thalamus.any():
+        t = 0.25 + near[thalamus]
+        weight[thalamus] = t / max(float((gm[thalamus] * t).sum() / gm[thalamus].sum()), 1e-6)
+    return weight
 
 
 @lru_cache(maxsize=4)
@@ -102,6 +124,7 @@ def load_template(resolution: float = 2.0) -> Template:
     sigma = xyz.std(0) * 1.6 + 2 * resolution
 
     deep_gm = (gm > 0.3) & _in_box(axes, DEEP_GM_BOX)
+    thalamic_weight = _thalamic_weight(gm, csf, deep_gm, _in_box(axes, THALAMUS_BOX), vent, resolution)
     # Cortex thins from its CSF side: weight GM loss by nearby CSF, normalised to mean 1 over GM.
     ribbon = ndimage.gaussian_filter(csf, 1.5 / resolution)
     ribbon = (ribbon / max(float((gm * ribbon).sum() / gm.sum()), 1e-6)).astype(np.float32)
@@ -113,6 +136,6 @@ def load_template(resolution: float = 2.0) -> Template:
     return Template(
         gm=gm, wm=wm, csf=csf, affine=affine, resolution=resolution,
         ventricle_center=center.astype(np.float32), ventricle_sigma=sigma.astype(np.float32),
-        deep_gm=deep_gm, ribbon=ribbon, periventricular=np.argwhere(peri), juxtacortical=np.argwhere(juxta),
+        deep_gm=deep_gm, thalamic_weight=thalamic_weight, ribbon=ribbon, periventricular=np.argwhere(peri), juxtacortical=np.argwhere(juxta),
         deep_wm=np.argwhere(deep),
     )
