@@ -47,3 +47,36 @@ def test_channels_last_gives_same_output() -> None:
 def test_too_few_channels() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         SFCN(channels=(8,))
+
+
+def test_group_norm_variant_has_no_batch_statistics_and_the_same_shapes() -> None:
+    from neurofed.models.sfcn import norm_layer
+
+    batch, group = SFCN(1, (8, 16, 4), norm="batch"), SFCN(1, (8, 16, 4), norm="group")
+    assert any(isinstance(m, nn.BatchNorm3d) for m in batch.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in group.modules())
+    assert [m.num_groups for m in group.modules() if isinstance(m, nn.GroupNorm)] == [1, 2, 1]
+    x = torch.randn(3, 1, 16, 16, 16)
+    assert group(x).shape == batch(x).shape == (3, 4)
+    # each scan is normalised on its own: a scan's features do not depend on the rest of the batch
+    group.eval()
+    torch.testing.assert_close(group(x)[:1], group(x[:1]))
+    assert norm_layer("group", 12).num_groups == 1 and norm_layer("group", 24).num_groups == 3
+    with pytest.raises(ValueError, match="norm must be"):
+        SFCN(1, (8, 4), norm="layer")
+
+
+def test_brain_age_module_records_and_restores_the_norm(tmp_path) -> None:
+    import lightning as L
+
+    from neurofed.models import BrainAgeModule
+
+    module = BrainAgeModule(channels=(4, 4, 4), norm="group", loss="l1")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "group.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = BrainAgeModule.load_from_checkpoint(path)
+    assert loaded.hparams.norm == "group"
+    assert any(isinstance(m, nn.GroupNorm) for m in loaded.modules())

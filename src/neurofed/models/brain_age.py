@@ -21,8 +21,8 @@ class BrainAgeModule(RegressionModule):
 
     ``loss="kl"``: the head gives a distribution over ``age_range`` bins, trained against a Gaussian soft
     label (σ = ``sigma``) and read out as its expectation. ``loss="l1"``: one output added to
-    ``target_mean`` (the mean training age), trained with L1. ``in_channels``, ``channels`` and ``dropout``
-    configure the default SFCN and are ignored when a ``backbone`` is given (it must expose
+    ``target_mean`` (the mean training age), trained with L1. ``in_channels``, ``channels``, ``dropout`` and
+    ``norm`` (``"batch"``, or ``"group"`` for DP-SGD and scanner shift) configure the default SFCN and are ignored when a ``backbone`` is given (it must expose
     ``out_features``; it is not saved as a hyperparameter, so pass it again to ``load_from_checkpoint``).
     """
 
@@ -39,12 +39,13 @@ class BrainAgeModule(RegressionModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         channels_last: bool = True,
+        norm: Literal["batch", "group"] = "batch",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         if loss not in ("l1", "kl"):
             raise ValueError(f"neurofed.models.brain_age: loss must be 'l1' or 'kl', got {loss!r}.")
-        self.backbone = backbone if backbone is not None else SFCN(in_channels, channels, dropout)
+        self.backbone = backbone if backbone is not None else SFCN(in_channels, channels, dropout, norm)
         features = require_out_features(self.backbone, "neurofed.models.brain_age.BrainAgeModule")
         bins = AgeBins(age_range, bin_width)
         self.register_buffer("bin_centers", bins.centers, persistent=False)

@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class SDMTModule(RegressionModule):
         weight_decay: float = 1e-4,
         channels_last: bool = True,
         label: str = "sdmt",
+        norm: Literal["batch", "group"] = "batch",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -84,7 +85,7 @@ class SDMTModule(RegressionModule):
         if brain_age_checkpoint is not None:
             backbone = self._backbone_from_checkpoint(Path(brain_age_checkpoint), backbone)
         elif backbone is None:
-            backbone = SFCN(in_channels, channels, dropout)
+            backbone = SFCN(in_channels, channels, dropout, norm)
         self.backbone = backbone
         self.head = nn.Linear(require_out_features(backbone, "neurofed.models.sdmt.SDMTModule"), 1)
         nn.init.zeros_(self.head.bias)
@@ -109,6 +110,7 @@ class SDMTModule(RegressionModule):
                 in_channels=source.hparams.in_channels,
                 channels=list(source.hparams.channels),
                 dropout=source.hparams.dropout,
+                norm=source.hparams.get("norm", "batch"),
             )
         log.info("SDMT backbone initialised from %s", path)
         return source.backbone
