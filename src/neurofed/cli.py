@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from neurofed.data import BrainMRIDataModule
 from neurofed.data.validation import NeurofedDataError
 from neurofed.federated import FederatedTrainer
-from neurofed.federated.group import FederationTimeoutError
+from neurofed.federated.checkpoint_io import CheckpointError
+from neurofed.federated.errors import FederationError
 from neurofed.tracking import configure_site_loggers
 
 log = logging.getLogger("neurofed")
@@ -174,9 +176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_extra_command(argv[0], argv[1:])
         cli_main(None if from_command_line else argv)
         return 0
-    except (NeurofedDataError, FederationTimeoutError) as error:
-        print(f"neurofed: error: {error}", file=sys.stderr)
+    except (NeurofedDataError, FederationError, CheckpointError, ValueError) as error:
+        if os.environ.get("NEUROFED_DEBUG"):
+            raise
+        print(f"neurofed: error: {_one_line(error)} (NEUROFED_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of a configuration or federation error on one line.
+
+    jsonargparse reports a value refused by a class it builds (``Federation(port=70000)``) inside a list of
+    union alternatives; the line that names our check is the one worth showing.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    ours = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return (ours or lines or [type(error).__name__])[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

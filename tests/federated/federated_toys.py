@@ -103,11 +103,12 @@ class ToyDataModule(L.LightningDataModule):
     """One site's splits; ``test_roots > 1`` mimics a site that pools several roots (a list of test loaders)."""
 
     def __init__(self, n_train: int = 16, n_val: int = 8, n_test: int = 8, seed: int = 0, shift: float = 0.0,
-                 batch_size: int = 4, name: str = "toy", test_roots: int = 1) -> None:
+                 batch_size: int = 4, name: str = "toy", test_roots: int = 1, generator_seed: int | None = None) -> None:
         super().__init__()
         self.n_train, self.n_val, self.n_test, self.seed = n_train, n_val, n_test, seed
         self.shift, self.batch_size, self.name, self.test_roots = shift, batch_size, name, test_roots
         self.prepared = False
+        self.generator_seed = generator_seed  # shuffle with the loader's own generator, like BrainMRIDataModule
 
     @property
     def site_names(self) -> list[str]:
@@ -130,7 +131,9 @@ class ToyDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=self._add_augment)
+        generator = None if self.generator_seed is None else torch.Generator().manual_seed(self.generator_seed)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=self._add_augment,
+                          generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.batch_size)

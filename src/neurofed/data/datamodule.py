@@ -103,6 +103,10 @@ class BrainMRIDataModule(L.LightningDataModule):
         self.config = PreprocessConfig(spacing=spacing, shape=tuple(shape))
         self.split = tuple(split)
         self.split_seed = split_seed
+        if int(batch_size) < 1:
+            from neurofed.errors import SettingsError
+
+            raise SettingsError(f"BrainMRIDataModule: batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache = VolumeCache(cache_dir)

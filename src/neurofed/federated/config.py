@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Federation"]
+from neurofed.federated.errors import FederationConfigError
+
+__all__ = ["SECRET_ENV", "Federation"]
+
+#: Environment variable holding the federation secret when no ``secret_file`` is set.
+SECRET_ENV = "NEUROFED_FEDERATION_SECRET"
+
+#: A secret shorter than this is refused: HMAC-SHA256 is only as strong as its key.
+MIN_SECRET_BYTES = 16
 
 
 @dataclass
 class Federation:
-    """Where this site sits in the federation and how to reach the others.
+    """Where this site sits in the federation, how to reach the others and how much to trust them.
 
     Args:
         address: Host of site 0, which hosts the rendezvous store (``127.0.0.1`` for a simulation).
-        port: TCP port of that store; every site uses the same one.
+        port: TCP port of that store (1–65535); every site uses the same one.
         site_rank: This site's index, ``0 <= site_rank < num_sites``.
         num_sites: Number of sites. ``1`` means centralized training: no network is used at all.
-        timeout_s: Seconds to wait for the other sites before failing with a clear error.
+        timeout_s: Seconds to wait for the other sites before failing with a clear error (at least 1).
+        bind_address: Local address the rendezvous (site 0) and this site's gloo connections listen on;
+            default: ``address`` at site 0, so loopback stays loopback.
+        secret_file: File holding the federation secret (at least 16 bytes; e.g. ``openssl rand -hex 32``).
+            Without it the secret is read from ``$NEUROFED_FEDERATION_SECRET``. The secret itself is never
+            logged, saved or sent; every site proves it knows it before anything else is exchanged.
+        insecure: Allow a federation without a secret on a non-loopback address (a warning at every site).
+        max_update_norm: Leave out of a round any site whose update (parameters minus the round's global
+            ones) has a larger L2 norm; ``None``: no absolute bound.
+        update_norm_factor: With at least three sites, also leave out a site whose update norm exceeds this
+            multiple of the median norm of the round's sites.
     """
 
     address: str = "127.0.0.1"
@@ -24,12 +45,68 @@ class Federation:
     site_rank: int = 0
     num_sites: int = 1
     timeout_s: float = 300.0
+    bind_address: str | None = None
+    secret_file: str | None = None
+    insecure: bool = False
+    max_update_norm: float | None = None
+    update_norm_factor: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_sites < 1 or not 0 <= self.site_rank < self.num_sites:
-            raise ValueError(
+            raise FederationConfigError(
                 f"Federation: site_rank={self.site_rank} must be in [0, num_sites={self.num_sites}); "
                 "set --trainer.federation.site_rank and --trainer.federation.num_sites consistently"
             )
-        if self.timeout_s <= 0:
-            raise ValueError(f"Federation: timeout_s must be > 0, got {self.timeout_s}")
+        if not 1 <= int(self.port) <= 65535:
+            raise FederationConfigError(f"Federation: port must be in 1..65535, got {self.port}")
+        if not self.timeout_s >= 1:
+            raise FederationConfigError(f"Federation: timeout_s must be at least 1 second, got {self.timeout_s}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise FederationConfigError(f"Federation: max_update_norm must be > 0, got {self.max_update_norm}")
+        if not self.update_norm_factor > 1:
+            raise FederationConfigError(f"Federation: update_norm_factor must be > 1, got {self.update_norm_factor}")
+        if self.secret_file is not None and not Path(self.secret_file).is_file():
+            raise FederationConfigError(
+                f"Federation: secret_file {self.secret_file} does not exist; create it on every site with the "
+                f"same content (e.g. `openssl rand -hex 32 > {self.secret_file}`)"
+            )
+
+    @property
+    def on_loopback(self) -> bool:
+        """True when every site is on this machine (a simulation): the address is a loopback address."""
+        try:
+            return ipaddress.ip_address(self.address).is_loopback
+        except ValueError:
+            return self.address == "localhost"
+
+    def load_secret(self) -> bytes | None:
+        """The secret's bytes (``secret_file``, else ``$NEUROFED_FEDERATION_SECRET``), or ``None`` if neither.
+
+        Kept out of every dataclass field on purpose, so the secret never reaches a saved config, a
+        checkpoint's hyperparameters or a logger.
+        """
+        if self.secret_file is not None:
+            secret = Path(self.secret_file).read_bytes().strip()
+            where = f"secret_file {self.secret_file}"
+        elif os.environ.get(SECRET_ENV):
+            secret = os.environ[SECRET_ENV].encode("utf-8").strip()
+            where = f"${SECRET_ENV}"
+        else:
+            return None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise FederationConfigError(
+                f"Federation: the secret in {where} has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+        return secret
+
+    def require_secret_or_loopback(self) -> bytes | None:
+        """The secret, or ``None`` where running without one is allowed (one site, loopback, ``insecure``)."""
+        secret = self.load_secret()
+        if secret is None and self.num_sites > 1 and not self.on_loopback and not self.insecure:
+            raise FederationConfigError(
+                f"Federation: no federation secret for a federation at {self.address}; set "
+                f"--trainer.federation.secret_file (or ${SECRET_ENV}) at every site, or --trainer.federation."
+                "insecure true to run unauthenticated"
+            )
+        return secret

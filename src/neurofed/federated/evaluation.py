@@ -136,13 +136,14 @@ def evaluate_federation(
 
 def evaluation_stage(
     site: Site, stage: str, loaders: Any, datamodule: Any, baseline: float | None, run_name: str, step: int,
+    fingerprint: dict[str, str],
 ) -> dict[str, dict[str, float]]:
     """``validate()`` / ``test()`` after the model is loaded: the federation's table, printed, saved and logged.
 
     Site 0's leader prints the table and writes ``<stage>_metrics.json`` in the run folder; every site logs
     ``<stage>/<row>/<metric>`` at ``step`` (the last round, so that the logs' steps stay monotonic).
     """
-    site.link.connect()
+    site.link.open(fingerprint)  # the handshake, unless this site's fit already ran it
     loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
     step_name = "test_step" if stage == "test" else "validation_step"
     rows = evaluate_federation(site, [site.setup_eval_loader(loader) for loader in loaders], datamodule, step_name,

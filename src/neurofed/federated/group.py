@@ -4,27 +4,39 @@ Inside a site, Fabric owns the default process group (DDP over local GPUs). Acro
 site's leader joins a separate gloo group built on its own TCPStore, so federation traffic never mixes
 with the site's DDP traffic and works without GPUs or a shared file system. Every send goes through
 :func:`neurofed.federated.wire.check_payload`, and every failure to reach the other sites becomes a
-:class:`FederationTimeoutError` within the configured timeout rather than a hang.
+:class:`FederationTimeoutError` within the configured timeout rather than a hang, naming the site that
+left when it can be told.
+
+The rendezvous store is unauthenticated: before the handshake (:mod:`neurofed.federated.handshake`) it
+carries only a seat claim, each site's number of sites and heartbeats — never a secret, a statistic or a
+weight. Site 0's store listens only on ``bind_address`` (default: the configured address, so loopback
+stays loopback), and every site's gloo connections listen on that address too.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import threading
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from neurofed.federated.errors import FederationConfigError, FederationTimeoutError
 from neurofed.federated.wire import check_payload
 
 __all__ = ["FederationGroup", "FederationTimeoutError", "LocalGroup", "RecordingGroup"]
 
 log = logging.getLogger(__name__)
 
-
-class FederationTimeoutError(RuntimeError):
-    """The other sites could not be reached, or did not answer, within the timeout."""
+_PRE = "neurofed/pre"
+#: Seconds between heartbeats; a site silent for ``_GONE_AFTER`` heartbeats is named as having left.
+_HEARTBEAT_S = 1.0
+_GONE_AFTER = 4
 
 
 def _wire_copy(t: Tensor) -> Tensor:
@@ -32,37 +44,140 @@ def _wire_copy(t: Tensor) -> Tensor:
     return t.detach().to("cpu").clone().contiguous()
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class FederationGroup:
     """Gloo group of ``num_sites`` site leaders rendezvousing at ``address:port`` (site 0 hosts it).
 
     Results come back as CPU tensors with the dtype that was sent; send float64 for statistics whose sums
-    must not lose precision.
+    must not lose precision. Before the gloo group forms, every site claims its seat (a second process
+    claiming the same seat is refused) and compares its ``num_sites`` with site 0's, so a mismatch fails
+    in seconds with both values instead of at the timeout.
     """
 
-    def __init__(self, address: str, port: int, site_rank: int, num_sites: int, timeout_s: float = 300.0) -> None:
+    def __init__(self, address: str, port: int, site_rank: int, num_sites: int, timeout_s: float = 300.0,
+                 bind_address: str | None = None) -> None:
         if num_sites < 1 or not 0 <= site_rank < num_sites:
             raise ValueError(f"FederationGroup: site_rank {site_rank} is not in [0, num_sites={num_sites})")
         self.address, self.port = address, int(port)
         self.site_rank, self.num_sites = int(site_rank), int(num_sites)
         self.timeout_s = float(timeout_s)
+        self.bind_address = bind_address or (address if site_rank == 0 or _is_loopback(address) else None)
+        self.stage = "joining"  # what the federation is doing, for error messages (the trainer sets "round k")
+        self._pg = self._store = self._listener = None
+        self._stop = threading.Event()
         timeout = timedelta(seconds=self.timeout_s)
         log.info("site %d/%d joining the federation at %s:%d", site_rank, num_sites, address, port)
         try:
             self._store = dist.TCPStore(
-                address, self.port, self.num_sites, is_master=self.site_rank == 0,
-                timeout=timeout, wait_for_workers=True,
+                address, self.port, None, is_master=self.site_rank == 0, timeout=timeout, wait_for_workers=False,
+                master_listen_fd=self._listen() if self.site_rank == 0 else None,
             )
-            self._pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("federation", self._store), self.site_rank, self.num_sites, timeout
-            )
+            self._claim_seat()
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [
+                dist.ProcessGroupGloo.create_device(hostname=self.bind_address) if self.bind_address
+                else dist.ProcessGroupGloo.create_default_device()
+            ]
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore("federation", self._store), self.site_rank,
+                                             self.num_sites, options)
+        except FederationConfigError:
+            self.close()
+            raise
         except RuntimeError as e:  # DistStoreError / DistNetworkError / gloo errors are RuntimeErrors
+            self.close()
             raise self._timeout_error("could not form the federation", e) from e
+        threading.Thread(target=self._heartbeat, name="neurofed-heartbeat", daemon=True).start()
+
+    # -- before the group: the listening socket, the seat, the size -----------------------------------
+    def _listen(self) -> int:
+        """Site 0's rendezvous socket, bound to ``bind_address`` only; its file descriptor goes to the store."""
+        family = socket.AF_INET6 if ":" in self.bind_address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.bind_address, self.port))
+        except OSError as e:
+            sock.close()
+            raise FederationConfigError(
+                f"site 0 cannot listen on {self.bind_address}:{self.port} ({e.strerror}); is another federation "
+                "using the port, or is bind_address not an address of this machine?"
+            ) from e
+        sock.listen(128)
+        self._listener = sock
+        return sock.fileno()
+
+    def _claim_seat(self) -> None:
+        store, me = self._store, self.site_rank
+        if store.add(f"{_PRE}/seat/{me}", 1) > 1:
+            raise FederationConfigError(
+                f"seat {me} of the federation at {self.address}:{self.port} is already taken by another process; "
+                "check --trainer.federation.site_rank (two sites with the same rank?)"
+            )
+        store.set(f"{_PRE}/size/{me}", str(self.num_sites))
+        store.set(f"{_PRE}/alive/{me}", repr(time.time()))
+        others = [0] if me != 0 else list(range(1, self.num_sites))
+        for k in others:
+            try:
+                store.wait([f"{_PRE}/size/{k}"], timedelta(seconds=self.timeout_s))
+            except RuntimeError as e:
+                raise FederationTimeoutError(
+                    f"site {me} of {self.num_sites}: site {k} did not join the federation at {self.address}:"
+                    f"{self.port} within timeout_s={self.timeout_s:g} s; is it running, with the same address, "
+                    f"port and num_sites? ({str(e).splitlines()[0]})"
+                ) from e
+            theirs = int(store.get(f"{_PRE}/size/{k}"))
+            if theirs != self.num_sites:
+                raise FederationConfigError(
+                    f"federation settings differ: num_sites is {theirs} at site {k} but {self.num_sites} at site {me}; "
+                    "give every site the same --trainer.federation.num_sites"
+                )
+
+    def _heartbeat(self) -> None:
+        """Write this site's sign of life every second, on its own store connection, until closed."""
+        try:
+            client = dist.TCPStore(self.address, self.port, None, False, timedelta(seconds=5), False)
+            while not self._stop.wait(_HEARTBEAT_S):
+                client.set(f"{_PRE}/alive/{self.site_rank}", repr(time.time()))
+        except RuntimeError:
+            return  # the store is gone: the federation is ending
+
+    def _who_left(self) -> str:
+        """Which sites stopped sending heartbeats, as a phrase for an error message."""
+        if self.site_rank != 0:
+            try:
+                probe = dist.TCPStore(self.address, self.port, None, False, timedelta(seconds=3), False)
+            except RuntimeError:
+                return "site 0 (the rendezvous host) is unreachable: it left the federation"
+        else:
+            probe = self._store
+        now, gone = time.time(), []
+        for k in range(self.num_sites):
+            if k == self.site_rank:
+                continue
+            try:
+                last = float(probe.get(f"{_PRE}/alive/{k}")) if probe.check([f"{_PRE}/alive/{k}"]) else None
+            except RuntimeError:
+                last = None
+            if last is None or now - last > _GONE_AFTER * _HEARTBEAT_S:
+                gone.append(k)
+        if not gone:
+            return "every other site is still alive (a network problem between sites?)"
+        return f"site {', '.join(map(str, gone))} left the federation"
 
     def _timeout_error(self, what: str, cause: BaseException) -> FederationTimeoutError:
         hint = (
             "is site 0 running and listening there?" if self.site_rank != 0
             else "did every other site start, with the same address, port and num_sites?"
         )
+        if self._pg is not None:
+            hint = f"{self._who_left()} during {self.stage}"
         return FederationTimeoutError(
             f"site {self.site_rank} of {self.num_sites} {what} at {self.address}:{self.port} within "
             f"timeout_s={self.timeout_s:g} s: {hint} ({type(cause).__name__}: {str(cause).splitlines()[0]})"
@@ -105,6 +220,7 @@ class FederationGroup:
 
     def close(self) -> None:
         """Release the group; safe to call twice."""
+        self._stop.set()
         pg, self._pg = getattr(self, "_pg", None), None
         if pg is not None:
             try:
@@ -112,6 +228,9 @@ class FederationGroup:
             except RuntimeError as e:
                 log.debug("federation group shutdown: %s", e)
         self._store = None
+        listener, self._listener = getattr(self, "_listener", None), None
+        if listener is not None:
+            listener.close()
 
     def __enter__(self) -> FederationGroup:
         return self

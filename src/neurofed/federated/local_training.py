@@ -78,6 +78,10 @@ def train_locally(
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(run_pass)
+        if isinstance(getattr(sampler, "generator", None), torch.Generator):
+            # A loader's own shuffle generator advances pass after pass and a new process would start it
+            # over: seed it from the pass too, so a resumed run draws the same order.
+            sampler.generator.manual_seed(torch.initial_seed())
         t0 = time.perf_counter()
         batches = iter(loader)
         data_wait += time.perf_counter() - t0

@@ -8,18 +8,24 @@ site. Keeping both levels here lets the trainer say *what* is exchanged without 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from neurofed.federated.config import Federation
+from neurofed.federated.errors import FederationError
 from neurofed.federated.group import FederationGroup, LocalGroup
+from neurofed.federated.handshake import HandshakeResult, handshake, round_key
+from neurofed.federated.integrity import check_round
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
 __all__ = ["SiteLink"]
+
+log = logging.getLogger(__name__)
 
 
 class SiteLink:
@@ -38,6 +44,8 @@ class SiteLink:
         self.group = group
         # What this site put on the wire since the counter was last reset (the trainer resets it per round).
         self.bytes_sent = 0
+        self.opened: HandshakeResult | None = None
+        self._key = b""
 
     @property
     def is_site_leader(self) -> bool:
@@ -53,9 +61,59 @@ class SiteLink:
             fed = self.federation
             self.group = (
                 LocalGroup() if fed.num_sites == 1
-                else FederationGroup(fed.address, fed.port, fed.site_rank, fed.num_sites, fed.timeout_s)
+                else FederationGroup(fed.address, fed.port, fed.site_rank, fed.num_sites, fed.timeout_s,
+                                     fed.bind_address)
             )
         return self.group
+
+    def open(self, fingerprint: dict[str, str], committed: tuple[int, int] | None = None,
+             declared_examples: float = 0.0) -> HandshakeResult:
+        """Join the federation and run the handshake once (membership, agreement, resume round).
+
+        Every rank of the site gets the result; a federation of one site has nothing to agree on.
+        """
+        if self.opened is not None:
+            return self.opened
+        fed = self.federation
+        secret = fed.require_secret_or_loopback() if fed.num_sites > 1 else None
+        if fed.num_sites > 1 and secret is None:
+            log.warning("site %d: federation without a secret (%s): sites are not authenticated",
+                        fed.site_rank, "loopback simulation" if fed.on_loopback else "insecure: true")
+        failure: FederationError | None = None
+        result = HandshakeResult(b"", committed[0] if committed else None, [declared_examples])
+        if self.is_site_leader and fed.num_sites > 1:
+            try:
+                result = handshake(self.connect(), secret, fingerprint, committed, declared_examples)
+            except FederationError as e:
+                failure = e
+        elif self.is_site_leader:
+            self.connect()
+        self._site_verdict(failure)
+        shared = self.site_broadcast(torch.tensor(
+            [-1 if result.resume_round is None else result.resume_round, *result.declared], dtype=torch.float64))
+        result = HandshakeResult(result.session, None if shared[0] < 0 else int(shared[0]), shared[1:].tolist())
+        self._key = round_key(secret)
+        self.opened = result
+        return result
+
+    def check_round(self, round: int, digest: bytes) -> None:
+        """The round check of :mod:`~neurofed.federated.integrity` (leader), its verdict on every rank."""
+        failure: FederationError | None = None
+        if self.is_site_leader and self.federation.num_sites > 1:
+            try:
+                check_round(self.connect(), self._key, self.opened.session if self.opened else b"", round, digest)
+            except FederationError as e:
+                failure = e
+        self._site_verdict(failure)
+
+    def _site_verdict(self, failure: FederationError | None) -> None:
+        """Raise at every rank of the site when the leader found ``failure`` (the leader raises it itself)."""
+        if self.fabric.world_size > 1:
+            flag = self.site_broadcast(torch.tensor([0.0 if failure is None else 1.0]))
+            if flag.item() and failure is None:
+                raise FederationError("the site leader stopped the federation (its log says why)")
+        if failure is not None:
+            raise failure
 
     def all_reduce(self, t: Tensor, kind: str) -> Tensor:
         """Sum over sites. The leader sends; every rank of the site receives the result."""

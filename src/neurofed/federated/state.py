@@ -1,18 +1,15 @@
-"""What a federated run writes to disk each round, and how a run picks up from it.
+"""What a round records, and how a run picks up from it.
 
-Two files per round, split by who may see them:
+A committed round (see :mod:`neurofed.federated.commit`) holds two records, split by who may see them:
 
-* ``<run>/round-last.pt`` holds what every site agrees on: the global (aggregated) weights, the strategy's
-  server state (FedAdam moments), the round number, the best pooled validation loss, the early-stop
-  counter, the LR-plateau scheduler's state, the current learning rate and the site-sampling rule. Every
-  site computes exactly the same content, so in a simulation where all sites share one folder, their
-  atomic writes of this file are interchangeable.
-* ``<run>/site-<rank>/local-last.pt`` holds what only this site has: its full model ``state_dict`` (with
-  entries that are never aggregated, such as FedBN's batch-norm layers), its optimizer state, the random
-  number generator states of its leader process (torch, CUDA, numpy, python) and its optimizer step count.
+* the shared record: what every site agrees on — the global (aggregated) weights, the strategy's server
+  state (FedAdam moments), the counters of :class:`RoundState`, the LR-plateau scheduler's state, the
+  current learning rate, the site-sampling rule and the history rows so far;
+* the local record: what only this site has — its full model ``state_dict`` (with entries that are never
+  aggregated, such as FedBN's batch-norm layers), its optimizer state, the random number generator states
+  of its leader process (torch, CUDA, numpy, python) and its optimizer step count.
 
-The local file is written before the shared one; both carry the round number and a resume refuses files
-from different rounds. ``best.ckpt`` is a Lightning-format checkpoint of the best global model, so
+``best.ckpt`` is a Lightning-format checkpoint of the best global model, so
 ``SomeModule.load_from_checkpoint`` reads it directly.
 """
 
@@ -28,28 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from neurofed.federated.checkpoint_io import CheckpointError, atomic_save, load
+from neurofed.federated.checkpoint_io import CheckpointError, load
+from neurofed.federated.commit import BEST_FILE, COMMITTED_FILE, LOCAL_FILE, committed_rounds, round_dir, site_dir
 
-__all__ = [
-    "BEST_FILE",
-    "LOCAL_FILE",
-    "ROUND_FILE",
-    "RoundState",
-    "capture_rng",
-    "load_round",
-    "lightning_checkpoint",
-    "resolve_weights_path",
-    "restore_round",
-    "restore_rng",
-    "save_best",
-    "save_round",
-    "site_dir",
-    "weights_from_checkpoint",
-]
+__all__ = ["BEST_FILE", "Restored", "RoundState", "capture_rng", "lightning_checkpoint", "local_record",
+           "resolve_weights_path", "restore", "restore_rng", "shared_record", "site_dir", "weights_from_checkpoint"]
 
-ROUND_FILE = "round-last.pt"
-LOCAL_FILE = "local-last.pt"
-BEST_FILE = "best.ckpt"
 
 
 @dataclass
@@ -67,10 +48,11 @@ class RoundState:
         """Account for round ``r``'s (0-based) pooled validation loss; returns True for a new best model.
 
         A round without validation examples counts as an improvement, so that training without a
-        validation split keeps the last model and never stops early.
+        validation split keeps the last model and never stops early. A non-finite loss never does: the
+        best model is chosen among finite validation losses only.
         """
         self.round = r + 1
-        improved = not has_val or val_loss < self.best_val_loss
+        improved = not has_val or (math.isfinite(val_loss) and val_loss < self.best_val_loss)
         if improved:
             if has_val:
                 self.best_val_loss, self.best_round = val_loss, r
@@ -88,11 +70,6 @@ class RoundState:
     def from_dict(cls, d: dict[str, Any]) -> RoundState:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def site_dir(run_dir: str | Path, site_rank: int) -> Path:
-    """Folder of one site's private files inside a run."""
-    return Path(run_dir) / f"site-{site_rank}"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -116,78 +93,50 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_round(
-    run_dir: str | Path,
-    site_rank: int,
-    *,
-    state: RoundState,
-    global_weights: dict[str, Tensor],
-    strategy_state: dict[str, Any],
-    sampling: dict[str, Any],
-    lr: list[float],
-    model_state: dict[str, Tensor],
-    optimizer_state: dict[str, Any],
-    global_step: int,
-    plateau_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write this site's local file, then the shared round file; returns the round file's path."""
-    atomic_save(
-        {
-            "round": state.round,
-            "model": {k: v.detach().cpu() for k, v in model_state.items()},
-            "optimizer": optimizer_state,
-            "rng": capture_rng(),
-            "global_step": global_step,
-        },
-        site_dir(run_dir, site_rank) / LOCAL_FILE,
-    )
-    return atomic_save(
-        {
-            "round": state.round,
-            "global": {k: v.detach().cpu() for k, v in global_weights.items()},
-            "strategy": strategy_state,
-            "trainer": state.to_dict(),
-            "sampling": sampling,
-            "lr": list(lr),
-            "plateau": plateau_state,
-        },
-        Path(run_dir) / ROUND_FILE,
-    )
+def shared_record(state: RoundState, global_weights: dict[str, Tensor], strategy_state: dict[str, Any],
+                  sampling: dict[str, Any], lr: list[float], plateau_state: dict[str, Any] | None,
+                  history: list[dict[str, float]]) -> dict[str, Any]:
+    """The record every site of a round holds identically."""
+    return {
+        "round": state.round, "global": {k: v.detach().cpu() for k, v in global_weights.items()},
+        "strategy": strategy_state, "trainer": state.to_dict(), "sampling": sampling, "lr": list(lr),
+        "plateau": plateau_state, "history": list(history),
+    }
 
 
-def load_round(round_path: str | Path, site_rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a round file and this site's local file beside it, checking they belong to the same round."""
-    round_path = Path(round_path)
-    shared = load(round_path)
-    if not isinstance(shared, dict) or "global" not in shared:
-        raise CheckpointError(
-            f"{round_path} is not a round checkpoint (no 'global' entry); resume a fit from "
-            f"ckpt_path='last' or a path to a {ROUND_FILE}"
-        )
-    local_path = site_dir(round_path.parent, site_rank) / LOCAL_FILE
-    local = load(local_path)
+def local_record(round: int, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
+                 global_step: int) -> dict[str, Any]:
+    """The record only this site holds (its whole model, optimizer and random state)."""
+    return {"round": round, "model": {k: v.detach().cpu() for k, v in model_state.items()},
+            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step}
+
+
+@dataclass
+class Restored:
+    """What a resumed run continues with."""
+
+    state: RoundState
+    global_step: int
+    plateau: dict[str, Any] | None
+    history: list[dict[str, float]]
+
+
+def restore(shared: dict[str, Any], local: dict[str, Any], model: nn.Module, optimizer: Any, strategy: Any,
+            sampling: dict[str, Any], where: str) -> Restored:
+    """Put weights, optimizer, strategy state and random state back from a committed round's two records.
+
+    Refuses records of different rounds, and a round written with another site-sampling rule (the resumed
+    rounds would train other sites).
+    """
     if local["round"] != shared["round"]:
         raise CheckpointError(
-            f"{local_path} is from round {local['round']} but {round_path} from round {shared['round']} "
-            "(the run stopped while writing them); keep matching copies of both files to resume"
+            f"{where}: the local record is from round {local['round']} but the shared one from round "
+            f"{shared['round']}; resume from a round committed whole"
         )
-    return shared, local
-
-
-def restore_round(
-    round_path: str | Path, site_rank: int, model: nn.Module, optimizer: Any, strategy: Any, sampling: dict[str, Any]
-) -> tuple[RoundState, int, dict[str, Any] | None]:
-    """Put weights, optimizer, strategy state and random state back.
-
-    Returns the counters, the optimizer step count and the LR-plateau scheduler's state (``None`` if none).
-
-    Refuses a checkpoint written with another site-sampling rule: the resumed rounds would train other sites.
-    """
-    shared, local = load_round(round_path, site_rank)
     if shared["sampling"] != sampling:
-        raise ValueError(
-            f"{round_path} was written with site sampling {shared['sampling']} but this run uses "
-            f"{sampling}; resume with the same seed, sites_per_round and num_sites"
+        raise CheckpointError(
+            f"{where} was written with site sampling {shared['sampling']} but this run uses {sampling}; resume "
+            "with the same seed, sites_per_round and num_sites"
         )
     model.load_state_dict(local["model"])
     entries = model.state_dict()
@@ -197,7 +146,8 @@ def restore_round(
     optimizer.load_state_dict(local["optimizer"])
     strategy.load_state_dict(shared["strategy"])
     restore_rng(local["rng"])
-    return RoundState.from_dict(shared["trainer"]), int(local["global_step"]), shared.get("plateau")
+    return Restored(RoundState.from_dict(shared["trainer"]), int(local["global_step"]), shared.get("plateau"),
+                    list(shared.get("history", [])))
 
 
 def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict[str, Any]:
@@ -214,27 +164,20 @@ def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict
     }
 
 
-def save_best(model: nn.Module, run_dir: str | Path, site_rank: int, epoch: int, global_step: int) -> Path:
-    """Write ``site-<rank>/best.ckpt`` (site 0 also the run's ``best.ckpt``); returns the site's file."""
-    checkpoint = lightning_checkpoint(model, epoch=epoch, global_step=global_step)
-    path = atomic_save(checkpoint, site_dir(run_dir, site_rank) / BEST_FILE)
-    if site_rank == 0:
-        atomic_save(checkpoint, Path(run_dir) / BEST_FILE)
-    return path
-
-
 def resolve_weights_path(ckpt_path: str, run_dir: str | Path, site_rank: int) -> Path:
     """Map ``"best"``/``"last"`` to this site's files in ``run_dir``; any other value is a path.
 
     ``"best"`` prefers this site's ``site-<rank>/best.ckpt`` (its own batch-norm layers under FedBN) and
-    falls back to the run's ``best.ckpt``; ``"last"`` is this site's ``local-last.pt`` (full local model).
+    falls back to the run's ``best.ckpt``; ``"last"`` is this site's last committed ``local.pt`` (full model).
     """
     run_dir = Path(run_dir)
     if ckpt_path == "best":
         own = site_dir(run_dir, site_rank) / BEST_FILE
         path = own if own.is_file() else run_dir / BEST_FILE
     elif ckpt_path == "last":
-        path = site_dir(run_dir, site_rank) / LOCAL_FILE
+        committed = committed_rounds(run_dir, site_rank)
+        path = round_dir(run_dir, site_rank, committed[0]) / LOCAL_FILE if committed else site_dir(
+            run_dir, site_rank) / COMMITTED_FILE
     else:
         path = Path(ckpt_path)
     if not path.is_file():
@@ -257,7 +200,7 @@ def weights_from_checkpoint(path: str | Path, site_rank: int) -> tuple[dict[str,
     if isinstance(ckpt, dict) and "model" in ckpt:
         return ckpt["model"], True
     if isinstance(ckpt, dict) and "global" in ckpt:
-        local = site_dir(path.parent, site_rank) / LOCAL_FILE
+        local = path.parent / LOCAL_FILE
         if local.is_file():
             return load(local)["model"], True
         return ckpt["global"], False

@@ -18,15 +18,27 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from neurofed.federated import state as ckpt
+from neurofed.federated.agreement import evaluation_fingerprint, training_fingerprint
 from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
+from neurofed.federated.checkpoint_io import CheckpointError
 from neurofed.federated.collectives import Collectives
+from neurofed.federated.commit import clean_orphans, commit_round, committed_rounds, load_round, publish_best, round_dir
 from neurofed.federated.config import Federation
-from neurofed.federated.evaluation import baseline_prediction, evaluate_split, evaluation_stage, pool_split
+from neurofed.federated.errors import SettingsError
+from neurofed.federated.evaluation import (
+    baseline_prediction,
+    evaluate_split,
+    evaluation_stage,
+    gather_site_names,
+    pool_split,
+)
+from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, passes_per_round, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.params import flatten, load_vector
-from neurofed.federated.results import HISTORY_FILE, history_until, write_json
+from neurofed.federated.results import HISTORY_FILE, write_json
 from neurofed.federated.sampling import SiteSampling
+from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
 from neurofed.federated.target_stats import share_target_stats
@@ -108,23 +120,25 @@ class FederatedTrainer:
         compile: bool = False,
         deterministic: bool = True,
     ) -> None:
+        fed = federation if federation is not None else Federation()
         if rounds < 1 or local_epochs < 1 or (local_steps is not None and local_steps < 1) or num_nodes < 1:
-            raise ValueError(
+            raise SettingsError(
                 f"FederatedTrainer: rounds ({rounds}), local_epochs ({local_epochs}), local_steps "
                 f"({local_steps}) and num_nodes ({num_nodes}) must be >= 1"
             )
         if not 0 < lr_plateau_factor <= 1:
-            raise ValueError(f"FederatedTrainer: lr_plateau_factor must be in (0, 1], got {lr_plateau_factor}")
-        if sites_per_round is not None and not 1 <= sites_per_round:
-            raise ValueError(f"FederatedTrainer: sites_per_round must be >= 1, got {sites_per_round}")
+            raise SettingsError(f"FederatedTrainer: lr_plateau_factor must be in (0, 1], got {lr_plateau_factor}")
+        if sites_per_round is not None and not 1 <= sites_per_round <= fed.num_sites:
+            raise SettingsError(f"FederatedTrainer: sites_per_round must be in 1..num_sites={fed.num_sites}, "
+                                f"got {sites_per_round}")
         if lr_plateau_patience is not None and lr_plateau_patience < 1:
-            raise ValueError(f"FederatedTrainer: lr_plateau_patience must be >= 1, got {lr_plateau_patience}")
+            raise SettingsError(f"FederatedTrainer: lr_plateau_patience must be >= 1, got {lr_plateau_patience}")
         self.rounds, self.local_epochs, self.local_steps = int(rounds), int(local_epochs), local_steps
         self.precision, self.devices = precision, devices
         self.strategy = strategy if strategy is not None else FedAvg()
         self.sites_per_round, self.patience = sites_per_round, patience
         self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr = lr_plateau_patience, lr_plateau_factor, min_lr
-        self.federation = federation if federation is not None else Federation()
+        self.federation = fed
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
         self.site = Site(
@@ -183,7 +197,17 @@ class FederatedTrainer:
         train_loader = fabric.setup_dataloaders(train_dataloaders)
         val_loader = site.setup_eval_loader(val_dataloaders)
         site.setup(model, with_optimizer=True)
-        site.link.connect()
+        keys = self.strategy.aggregated_keys(model.state_dict(), model)
+        if not keys:
+            raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
+        committed = self._committed(ckpt_path) if ckpt_path is not None else None
+        if site.is_leader:
+            clean_orphans(self.run_dir, self.federation.site_rank)
+        # Membership, agreement and the resume round, before anything else crosses (handshake.py).
+        opened = site.link.open(training_fingerprint(self, model, keys, committed is not None), committed,
+                                self.strategy.site_weight(n_train))
+        self._declared = opened.declared
+        self._site_names = gather_site_names(site.link, site.name) if self.federation.num_sites > 1 else [site.name]
         for lg in site.loggers:
             lg.log_hyperparams(self.hyperparameters(model))
 
@@ -192,12 +216,9 @@ class FederatedTrainer:
         self._plateau = None if self.lr_plateau_patience is None else PlateauLR(
             site.optimizer, self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr)
         self._history_before_resume = []
-        if ckpt_path is not None:
-            self._resume(ckpt_path)
-        keys = self.strategy.aggregated_keys(model.state_dict(), model)
-        if not keys:
-            raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
-        if ckpt_path is None:
+        if committed is not None:
+            self._resume(opened.resume_round)
+        else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
         passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
@@ -286,8 +307,16 @@ class FederatedTrainer:
         context = RoundContext(round=r, seed=self.seed, site_rank=self.federation.site_rank,
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
-        weight = strategy.site_weight(n_train) if sampled else 0.0
+        weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
+        if self.federation.num_sites > 1:  # screening: non-finite, over-claimed or outsized updates get weight 0
+            fed = self.federation
+            screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
+                                     fed.update_norm_factor, r, self._site_names)
+            sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
         new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
+        if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
+            log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
+            new_global = global_vec
         load_vector(model, new_global, keys)
         site.call("on_aggregate_end", trainer=self, round=r, global_params=new_global)
         t_agg = time.perf_counter() - t0
@@ -304,35 +333,40 @@ class FederatedTrainer:
         metrics |= {f"val/pooled/{k}": float(pooled_metrics.get(k, math.nan)) for k in _ROUND_METRICS}
         site.call("on_validation_end", trainer=self, round=r, metrics=metrics)
 
-        # (5) Identical decisions everywhere: best model, early stopping, LR on plateau.
+        # (5) The round check: every site holds the same result, made by holders of the secret (integrity.py).
+        link.check_round(r, round_digest(r, new_global, pooled.loss, pooled.model))
+
+        # (6) Identical decisions everywhere: best model (finite losses only), early stopping, LR on plateau.
         has_val = pooled.count > 0
-        if self.state.record(r, val_loss, has_val, self.patience):  # best.ckpt: Lightning format, this site's BN
-            self.best_model_path = str(ckpt.site_dir(self.run_dir, self.federation.site_rank) / ckpt.BEST_FILE)
-            if site.is_leader:
-                ckpt.save_best(model, self.run_dir, self.federation.site_rank, epoch=r, global_step=self.global_step)
+        improved = self.state.record(r, val_loss, has_val, self.patience)
         if self._plateau is not None and has_val and self._plateau.step(val_loss):
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
-
-        # (6) Round checkpoint, written atomically (local file first, then the shared one).
-        if site.is_leader:
-            ckpt.save_round(
-                self.run_dir, self.federation.site_rank, state=self.state,
-                global_weights={k: v for k, v in model.state_dict().items() if k in set(keys)},
-                strategy_state=strategy.state_dict(), sampling=self._sampling().as_dict(),
-                lr=learning_rates(site.optimizer), model_state=model.state_dict(),
-                optimizer_state=site.optimizer.state_dict(), global_step=self.global_step,
-                plateau_state=self._plateau.state_dict() if self._plateau is not None else None,
-            )
-
-        # (7) One row of history, logged at step = round (1-based), then the round is over.
         metrics |= {
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
-            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled),
+            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "screened_out": float(screened_out),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
+
+        # (7) The round is one commit: its files, then the pointer (commit.py); a Lightning best.ckpt if improved.
+        if site.is_leader:
+            commit_round(
+                self.run_dir, self.federation.site_rank, self.state.round,
+                shared=ckpt.shared_record(
+                    self.state, {k: v for k, v in model.state_dict().items() if k in set(keys)},
+                    strategy.state_dict(), self._sampling().as_dict(), learning_rates(site.optimizer),
+                    self._plateau.state_dict() if self._plateau is not None else None,
+                    self._history_before_resume + self.history + [metrics]),
+                local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
+                                        self.global_step),
+                best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
+            )
+        if improved:
+            self.best_model_path = str(ckpt.site_dir(self.run_dir, self.federation.site_rank) / ckpt.BEST_FILE)
+
+        # (8) One row of history, logged at step = round (1-based), then the round is over.
         self.history.append(metrics)
         if site.is_global_leader:
             write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
@@ -352,20 +386,33 @@ class FederatedTrainer:
     def _sampling(self) -> SiteSampling:
         return SiteSampling(self.seed, self.sites_per_round, self.federation.num_sites)
 
-    def _resume(self, ckpt_path: str) -> None:
-        """Restore weights, optimizer, strategy, counters and random state from a round checkpoint."""
-        site = self.site
-        path = self.run_dir / ckpt.ROUND_FILE if ckpt_path == "last" else Path(ckpt_path)
-        self.state, self.global_step, plateau_state = ckpt.restore_round(
-            path, self.federation.site_rank, site.model, site.optimizer, self.strategy, self._sampling().as_dict()
-        )
-        if self._plateau is not None and plateau_state is not None:
-            self._plateau.load_state_dict(plateau_state)
-        best = ckpt.site_dir(path.parent, self.federation.site_rank) / ckpt.BEST_FILE
+    def _committed(self, ckpt_path: str) -> tuple[int, int]:
+        """(newest committed round, the one before it still held) of this site, for ``ckpt_path="last"``."""
+        if ckpt_path != "last":
+            raise CheckpointError(f"fit(ckpt_path={ckpt_path!r}): resume a fit with ckpt_path='last'")
+        committed = committed_rounds(self.run_dir, self.federation.site_rank)
+        if committed is None:
+            raise CheckpointError(
+                f"nothing to resume: {ckpt.site_dir(self.run_dir, self.federation.site_rank)} holds no committed "
+                "round; start the run without --ckpt_path"
+            )
+        return committed
+
+    def _resume(self, round: int) -> None:
+        """Restore weights, optimizer, strategy, counters, history and random state from a committed round."""
+        site, rank = self.site, self.federation.site_rank
+        shared, local = load_round(self.run_dir, rank, round)
+        folder = round_dir(self.run_dir, rank, round)
+        restored = ckpt.restore(shared, local, site.model, site.optimizer, self.strategy, self._sampling().as_dict(),
+                                where=str(folder))
+        self.state, self.global_step, self._history_before_resume = restored.state, restored.global_step, restored.history
+        if self._plateau is not None and restored.plateau is not None:
+            self._plateau.load_state_dict(restored.plateau)
+        if site.is_leader and (folder / ckpt.BEST_FILE).is_file():  # a crash may have come before publishing it
+            publish_best(self.run_dir, rank, folder / ckpt.BEST_FILE)
+        best = ckpt.site_dir(self.run_dir, rank) / ckpt.BEST_FILE
         self.best_model_path = str(best) if best.is_file() else None
-        if site.is_global_leader:  # keep the rounds run before the interruption
-            self._history_before_resume = history_until(self.run_dir, self.state.round)
-        log.info("%s: resumed from %s after round %d", site.name, path, self.state.round)
+        log.info("%s: resumed from %s after round %d", site.name, folder, self.state.round)
 
     def _evaluate_federation(
         self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, dataloaders: Any
@@ -378,7 +425,8 @@ class FederatedTrainer:
         site.setup(model, with_optimizer=False)
         site.load_weights(ckpt_path)
         return evaluation_stage(site, stage, loaders, datamodule, baseline_prediction(model), self.run_name,
-                                step=max(self.state.round, 1))
+                                step=max(self.state.round, 1),
+                                fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
 
     def hyperparameters(self, model: Any) -> dict[str, Any]:
         """The run's settings as the loggers record them."""

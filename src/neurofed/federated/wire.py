@@ -1,10 +1,11 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, small control tensors and each site's dataset name. Subject ids, predictions and
-images never cross; a payload is a numeric tensor, every kind except ``"parameters"`` is at most 16
-numbers and a ``"site_name"`` is at most 32 bytes, so a per-subject vector cannot slip through under
-another name.
+sufficient statistics, update norms, small control tensors, each site's dataset name, and the handshake
+and round-check bytes of the trust layer. Subject ids, predictions and images never cross; a payload is a
+numeric tensor, every kind except ``"parameters"`` is at most 16 numbers, a ``"site_name"`` at most 32
+bytes, a ``"round_mac"`` 64 and a ``"handshake"`` message 4 KiB of bytes, so a per-subject vector cannot
+slip through under another name.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ALLOWED_KINDS", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "SITE_NAME_BYTES", "FederationPayloadError", "check_payload",
-    "decode_site_name", "encode_site_name",
+    "ALLOWED_KINDS", "HANDSHAKE_BYTES", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "ROUND_MAC_BYTES", "SITE_NAME_BYTES",
+    "FederationPayloadError", "bytes_tensor", "check_payload", "decode_site_name", "encode_site_name",
 ]
 
 KIND_DOCS: dict[str, str] = {
@@ -25,12 +26,20 @@ KIND_DOCS: dict[str, str] = {
     "label_stats": "Sum and count of training labels, e.g. for a pooled target mean.",
     "control": "A small integer tensor used for agreed decisions like a stop flag / round number.",
     "site_name": "The site's dataset name as at most 32 ASCII bytes (uint8), so tables are readable; never subject data.",
+    "handshake": "Handshake bytes (uint8): nonces and a claimed address, HMAC tags and verdicts proving the "
+                 "federation secret, then fingerprint digests, mismatching setting values and committed rounds.",
+    "round_mac": "A round's integrity check (64 uint8): the hash of the new global state and pooled statistics, "
+                 "and an HMAC of it under the federation secret.",
+    "update_norm": "Update screening (float64): the L2 norm of a site's update, its weight and whether it was "
+                   "finite; one scalar triple per site and round.",
 }
 
 ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
 
 MAX_SMALL_ELEMENTS = 16
 SITE_NAME_BYTES = 32
+HANDSHAKE_BYTES = 4096
+ROUND_MAC_BYTES = 64
 
 _NUMERIC = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -64,6 +73,12 @@ def check_payload(kind: str, tensor: object) -> None:
                 f"'site_name' payload must be at most {SITE_NAME_BYTES} uint8 bytes, got {tensor.numel()} "
                 f"elements of {tensor.dtype}"
             )
+    elif kind in ("handshake", "round_mac"):
+        limit = HANDSHAKE_BYTES if kind == "handshake" else ROUND_MAC_BYTES
+        if tensor.dtype != torch.uint8 or tensor.numel() > limit:
+            raise FederationPayloadError(
+                f"{kind!r} payload must be at most {limit} uint8 bytes, got {tensor.numel()} elements of {tensor.dtype}"
+            )
     elif tensor.numel() > MAX_SMALL_ELEMENTS:
         raise FederationPayloadError(
             f"payload of kind {kind!r} has {tensor.numel()} elements; only 'parameters' may exceed "
@@ -86,3 +101,9 @@ def encode_site_name(name: str) -> Tensor:
 def decode_site_name(t: Tensor) -> str:
     """Inverse of :func:`encode_site_name` (trailing zero bytes dropped)."""
     return bytes(t.to(torch.uint8).tolist()).rstrip(b"\0").decode("ascii", errors="replace")
+
+
+def bytes_tensor(data: bytes, size: int | None = None) -> Tensor:
+    """``data`` as a uint8 tensor, zero-padded (or cut) to ``size`` bytes when given."""
+    raw = bytes(data) if size is None else bytes(data)[:size].ljust(size, b"\0")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone() if raw else torch.zeros(0, dtype=torch.uint8)

@@ -1,0 +1,62 @@
+"""The round check: nothing is committed unless every site holds the same result, made by a secret holder.
+
+After aggregation and pooled validation, each site hashes what the round produced (the new global vector
+and the pooled statistics) and sends the hash with ``HMAC(secret, session | round | site | hash)``. Each
+site then checks every MAC (a seat without the secret cannot make one; altered bytes break it) and groups
+the sites by hash: a site whose result differs from the majority's is named. Only then is the round written.
+
+What it cannot see: an alteration that gives every site the same wrong sum (a change inside the reduction
+itself). Transport integrity between sites is the VPN overlay's job (README, "Deployment").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import Counter
+from typing import Any
+
+from torch import Tensor
+
+from neurofed.federated.errors import FederationIntegrityError
+from neurofed.federated.wire import bytes_tensor
+
+__all__ = ["check_round", "round_digest"]
+
+
+def round_digest(round: int, *tensors: Tensor) -> bytes:
+    """SHA-256 over the round number and the exact bytes of ``tensors`` (CPU, contiguous)."""
+    h = hashlib.sha256(str(round).encode())
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _mac(key: bytes, session: bytes, round: int, site: int, digest: bytes) -> bytes:
+    return hmac.new(key, b"round|" + session + f"|{round}|{site}|".encode() + digest, hashlib.sha256).digest()
+
+
+def check_round(group: Any, key: bytes, session: bytes, round: int, digest: bytes) -> None:
+    """Exchange (hash, MAC) with every site and raise :class:`FederationIntegrityError` naming any site that
+    did not authenticate or does not hold the majority's result."""
+    me = group.site_rank
+    sent = bytes_tensor(digest + _mac(key, session, round, me, digest))
+    received = [bytes(t.tolist()) for t in group.all_gather(sent, "round_mac")]
+    forged = [k for k, b in enumerate(received)
+              if not hmac.compare_digest(b[32:], _mac(key, session, round, k, b[:32]))]
+    if forged:
+        raise FederationIntegrityError(
+            f"site {me}, round {round + 1}: the round check of site(s) {', '.join(map(str, forged))} was not made "
+            "with the federation secret (a hijacked seat, or traffic altered on the way); nothing of this round "
+            "was written. Use a VPN overlay between sites and check who holds that seat"
+        )
+    counts = Counter(b[:32] for b in received)
+    if len(counts) > 1:
+        majority, top = counts.most_common(1)[0]
+        tie = sum(1 for c in counts.values() if c == top) > 1
+        odd = [k for k, b in enumerate(received) if tie or b[:32] != majority]
+        raise FederationIntegrityError(
+            f"site {me}, round {round + 1}: the sites do not hold the same result; site(s) {', '.join(map(str, odd))} "
+            f"{'disagree' if tie else 'differ from the others'} (a diverging site, or traffic altered on the way); "
+            "nothing of this round was written. Resume with --ckpt_path last once the cause is fixed"
+        )
