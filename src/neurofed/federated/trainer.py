@@ -77,6 +77,8 @@ class FederatedTrainer:
         callbacks: Objects with round hooks (:class:`~neurofed.federated.callbacks.Callback`).
         default_root_dir: Root folder of all runs' checkpoints and logs.
         run_name: Folder of this run under ``default_root_dir``; default ``"run"``.
+        overwrite: Let ``neurofed fit`` reuse a run folder that already holds a run (its checkpoints, history
+            and predictions are replaced); without it the command refuses and names ``--ckpt_path last``.
         seed: Seed of weight initialisation, data order, augmentation and site sampling.
         enable_progress_bar: Show a progress bar over rounds on the site leader.
         compile: ``torch.compile`` the model before training.
@@ -103,6 +105,7 @@ class FederatedTrainer:
         callbacks: list[Any] | None = None,
         default_root_dir: str = "checkpoints",
         run_name: str | None = None,
+        overwrite: bool = False,
         seed: int = 0,
         enable_progress_bar: bool = True,
         compile: bool = False,
@@ -127,6 +130,7 @@ class FederatedTrainer:
         self.federation = federation if federation is not None else Federation()
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
+        self.overwrite = bool(overwrite)
         self.site = Site(
             self.federation, self.run_dir, seed=self.seed, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, loggers=build_loggers(logger, self.run_dir, self.federation.site_rank),
@@ -337,8 +341,9 @@ class FederatedTrainer:
         if site.is_global_leader:
             write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
         site.launched().log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
-        log.info("%s round %d/%d: %s", site.name, r + 1, self.rounds,
-                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "round"))
+        log.info("%s round %d/%d: train %.4g | pooled val loss %.4g, MAE %.4g | site MAE %.4g | %.1f s",
+                 site.name, r + 1, self.rounds, trained.loss, val_loss, metrics["val/pooled/mae"],
+                 metrics["val/site/mae"], t_train + t_agg + t_val)
         site.call("on_round_end", trainer=self, round=r, metrics=metrics)
         return metrics
 
