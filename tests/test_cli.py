@@ -148,13 +148,13 @@ def test_missing_sdmt_root_suggests_the_ms_cohort(tmp_path, capsys):
     code = main(["fit", "--config", "configs/sdmt_deep_cpu.yaml"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "neurofed synth --out data/synth_ms --cohort ms" in err
+    assert "`neurofed synth --out data/synth_ms --cohort ms`" in err
 
 
 def test_missing_age_root_suggests_healthy_sites(tmp_path, capsys):
     assert main(["fit", "--config", "configs/brain_age_cpu.yaml", "--data.root", "data/elsewhere/ixi"]) == 2
     err = capsys.readouterr().err
-    assert "neurofed synth --out data/elsewhere --sites ixi`" in err and "--cohort" not in err
+    assert "`neurofed synth --out data/elsewhere`" in err and "--cohort" not in err
 
 
 def _help(capsys, *argv: str) -> str:

@@ -214,11 +214,13 @@ def _check_data_roots(data_config: Any) -> None:
 
 def synth_suggestion(root: str | Path, label: str) -> str:
     """The ``neurofed synth`` command that creates ``root``: MS sites for an SDMT label, healthy ones for age."""
-    from neurofed.data.synth.sites import SITES
+    from neurofed.data.synth.sites import DEFAULT_SITES, SITES
 
     root = Path(root)
-    cohort = " --cohort ms" if label.lower() == "sdmt" else ""
-    sites = f" --sites {root.name}" if root.name in SITES else ""
+    ms = label.lower() == "sdmt"
+    cohort = " --cohort ms" if ms else ""
+    # The cohort's three default sites come together (the shipped configs use all three); others by name.
+    sites = f" --sites {root.name}" if root.name in SITES and root.name not in DEFAULT_SITES["ms" if ms else "healthy"] else ""
     return f"neurofed synth --out {root.parent.as_posix()}{cohort}{sites}"
 
 
