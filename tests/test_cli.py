@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,111 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "neurofed synth", "neurofed simulate"):
         assert command in out.replace("\n", " ")
+
+
+def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys):
+    from neurofed.status import read_status
+
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]"]
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 0
+    site = tmp_path / "runs" / "brain_age_cpu" / "site-0"
+    for name in ("config-fit.yaml", "history.json", "test_metrics.json", "loss.png", "best.ckpt"):
+        assert (site / name).is_file(), name
+    history = json.loads((site / "history.json").read_text())
+    assert [row["round"] for row in history] == [1, 2] and "val/site/mae" in history[0]
+    assert "pooled" in json.loads((site / "test_metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs" / "brain_age_cpu")]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 rounds done, finished (tested)" in out and "best round" in out and "site-0: last round 2" in out
+    assert read_status(tmp_path / "runs" / "brain_age_cpu").best is not None
+    # The same command again would replace that run: it is refused before any work, naming both ways out.
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert "brain_age_cpu" in err and "--ckpt_path last" in err and "--trainer.overwrite true" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_started_run_is_never_replaced_silently(tmp_path, tiny_bids, capsys):
+    run = tmp_path / "runs" / "brain_age_cpu"
+    (run / "site-0").mkdir(parents=True)
+    (run / "site-0" / "committed").write_text("1\n")  # a run that committed a round, then stopped
+    base = ["fit", "--config", "configs/brain_age_cpu.yaml", *_tiny_args(tmp_path, [tiny_bids])]
+    assert main(base) == 2
+    assert "committed" in capsys.readouterr().err
+    assert not (run / "config-fit.yaml").exists()  # refused before any work
+    (run / "history.json").write_text("[]")  # the run-wide history is shared: every site refuses
+    assert main([*base, "--trainer.federation.num_sites", "2", "--trainer.federation.site_rank", "1"]) == 2
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and "not a neurofed run" in err and len(err.splitlines()) == 1
+    assert main(["status", str(tmp_path / "missing")]) == 2
+
+
+def test_missing_sdmt_root_suggests_the_ms_cohort(tmp_path, capsys):
+    code = main(["fit", "--config", "configs/sdmt_deep_cpu.yaml"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "`neurofed synth --out data/synth_ms --cohort ms`" in err
+
+
+def test_missing_age_root_suggests_healthy_sites(tmp_path, capsys):
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", "--data.root", "data/elsewhere/ixi"]) == 2
+    err = capsys.readouterr().err
+    assert "`neurofed synth --out data/elsewhere`" in err and "--cohort" not in err
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_usage_names_every_command(capsys):
+    usage = _help(capsys).splitlines()[0]
+    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status"):
+        assert command in usage
+    assert usage.startswith("usage: neurofed ")
+
+
+def test_every_option_has_a_description_and_a_default(capsys):
+    import neurofed.cli as cli
+
+    class Parsed(Exception):
+        pass
+
+    class Probe(cli.NeurofedCLI):  # stops once the parsers are built
+        def parse_arguments(self, parser, args):
+            raise Parsed(self._subcommand_parsers["fit"])
+
+    original = cli.NeurofedCLI
+    cli.NeurofedCLI = Probe
+    try:
+        with pytest.raises(Parsed) as parsed:
+            cli.cli_main(["fit"])
+    finally:
+        cli.NeurofedCLI = original
+    parser = parsed.value.args[0]
+    options = [a for a in parser._actions if a.dest.startswith(("trainer.", "data."))
+               and not a.dest.endswith(".help") and a.option_strings and a.dest not in ("trainer", "data")]
+    assert len(options) > 35
+    for action in options:
+        assert action.help and len(action.help) > 10, action.dest
+        assert "``" not in action.help and ":class:" not in action.help, action.dest
+    text = _help(capsys, "fit")
+    assert "``" not in text and ":class:`" not in text
+    assert text.startswith("usage: neurofed fit")
+    assert text.count("default:") >= len(options)
+    for name in ("BrainAgeModule", "SDMTModule"):
+        assert name in text.replace("\n", " ")
+    cache = text[text.index("  --data.cache_dir CACHE_DIR"):].split("--data.augment")[0]
+    assert "NEUROFED_CACHE" in cache and "~/.cache/neurofed" in cache
+    assert "--trainer.overwrite" in text and "--ckpt_path last" in text.replace("\n", " ")
+
+
+def test_synth_help_shows_defaults(capsys):
+    text = _help(capsys, "synth")
+    assert "(default: 20)" in text and "(default: 2.0)" in text

@@ -1,43 +1,53 @@
-"""W&B runs are grouped per federation, one run per site, offline by default; wandb is never imported."""
+"""W&B as its users expect, checked on real offline runs read back from their ``.wandb`` files.
+
+One group per federation, one run per site (``job_type: site``, name = run + site), the resolved config,
+per-round site and pooled metrics at ``trainer/global_step`` = round, the best round and the test table in the
+summary, the figures, the test table as a ``wandb.Table`` and the best checkpoint as a model artifact.
+"""
 
 from __future__ import annotations
 
+import io
 import sys
 from types import SimpleNamespace
 
-from neurofed.tracking import configure_site_loggers, group_wandb_runs
+import pytest
+
+from neurofed.lightning_compat import wandb_init_kwargs
+from neurofed.tracking import configure_site_loggers, flatten_config, group_wandb_runs
 
 
-class WandbLogger:  # same class name as Lightning's; only the name is inspected
-    def __init__(self, **init):
-        self._wandb_init = dict(init)
+def test_configure_uses_the_site_name_and_never_imports_wandb(monkeypatch, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
 
-
-def test_site_runs_share_the_federation_group(monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    logger = WandbLogger(name=None, project="neurofed")
-    group_wandb_runs([logger, object()], run_name="fed1", site_name="ixi")
-    assert logger._wandb_init["group"] == "fed1"
-    assert logger._wandb_init["job_type"] == "site"
-    assert logger._wandb_init["name"] == "fed1-ixi"
-    assert logger._wandb_init["mode"] == "offline"
-
-
-def test_user_choices_win(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "online")
-    logger = WandbLogger(name="mine", group="g", job_type="j")
-    group_wandb_runs([logger], run_name="fed1", site_name="ixi")
-    assert logger._wandb_init == {"name": "mine", "group": "g", "job_type": "j"}
-
-
-def test_configure_uses_the_site_name_and_never_imports_wandb(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     sys.modules.pop("wandb", None)
-    logger = WandbLogger(name=None)
-    trainer = SimpleNamespace(loggers=[logger], run_name="demo")
+    logger = WandbLogger(save_dir=str(tmp_path), name=None)
+    trainer = SimpleNamespace(loggers=[logger, object()], run_name="demo")
     configure_site_loggers(trainer, SimpleNamespace(site_names=["sald"]))
-    assert logger._wandb_init["name"] == "demo-sald"
-    assert "wandb" not in sys.modules
+    assert wandb_init_kwargs(logger)["name"] == "demo-sald"
+    assert "wandb" not in sys.modules  # a GPU machine without wandb runs everything else
+
+
+def test_user_choices_win(monkeypatch, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    logger = WandbLogger(save_dir=str(tmp_path), name="mine", group="g", job_type="j")
+    group_wandb_runs([logger], run_name="fed1", site_name="ixi")
+    init = wandb_init_kwargs(logger)
+    assert (init["name"], init["group"], init["job_type"], init.get("mode")) == ("mine", "g", "j", None)
+
+
+def test_config_is_flat_without_init_args():
+    config = {"trainer": {"rounds": 3, "federation": {"num_sites": 3}},
+              "model": {"class_path": "neurofed.models.BrainAgeModule", "init_args": {"lr": 0.001, "channels": [2, 4]}},
+              "data": {"root": "data/synth/ixi", "shape": (32, 32, 32), "strict": False, "odd": object}}
+    flat = flatten_config(config)
+    assert flat["trainer.rounds"] == 3 and flat["trainer.federation.num_sites"] == 3
+    assert flat["model.class_path"] == "neurofed.models.BrainAgeModule" and flat["model.lr"] == 0.001
+    assert flat["model.channels"] == [2, 4] and flat["data.shape"] == [32, 32, 32] and flat["data.strict"] is False
+    assert isinstance(flat["data.odd"], str)
 
 
 def test_lightning_wandb_logger_built_like_the_cli_does_gets_the_group(monkeypatch, tmp_path):
@@ -51,3 +61,65 @@ def test_lightning_wandb_logger_built_like_the_cli_does_gets_the_group(monkeypat
     group_wandb_runs([logger], run_name="fed1", site_name="ixi")
     init = wandb_init_kwargs(logger)
     assert (init["group"], init["job_type"], init["name"], init["mode"]) == ("fed1", "site", "fed1-ixi", "offline")
+
+
+WANDB_YAML = """
+trainer:
+  logger:
+    class_path: lightning.pytorch.loggers.WandbLogger
+    init_args:
+      project: neurofed
+      save_dir: {save_dir}
+      log_model: true
+"""
+
+
+@pytest.mark.slow
+def test_a_simulated_federation_records_what_wandb_users_expect(tmp_path, tiny_sites, monkeypatch):
+    pytest.importorskip("wandb")
+    from wandb_records import read_run
+
+    from neurofed.federated.simulate import simulate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    config = tmp_path / "wandb.yaml"
+    config.write_text(WANDB_YAML.format(save_dir=tmp_path / "wandb"))
+    out = io.StringIO()
+    code = simulate(
+        ["fit", "--config", "configs/federated_demo.yaml", "--config", str(config), "--data.shape", "[32,32,32]",
+         "--data.spacing", "4.0", "--data.batch_size", "4", "--trainer.rounds", "2",
+         "--model.init_args.channels", "[2,4,4,4,4]", "--trainer.default_root_dir", str(tmp_path / "runs"),
+         "--data.cache_dir", str(tmp_path / "cache"), "--trainer.federation.timeout_s", "120"],
+        [str(root) for root in tiny_sites], out=out,
+    )
+    console = out.getvalue()
+    assert code == 0, console[-3000:]
+    rounds = [line for line in console.splitlines() if " round " in line and "pooled val loss" in line]
+    assert len(rounds) == 6 and all(len(line) <= 100 for line in rounds), rounds
+
+    runs = {r["name"]: r for r in map(read_run, (tmp_path / "wandb").glob("wandb/offline-run-*/*.wandb"))}
+    assert set(runs) == {"demo-ixi", "demo-sald", "demo-camcan"}
+    for name, run in runs.items():
+        assert (run["group"], run["job_type"]) == ("demo", "site")
+        assert {"trainer.rounds", "trainer.federation.num_sites", "model.class_path", "model.lr", "data.root",
+                "data.label", "data.shape"} <= set(run["config"])
+        assert run["config"]["trainer.rounds"] == 2 and run["config"]["data.root"].endswith(name.split("-")[1])
+        per_round = [row for row in run["history"] if "val/pooled/loss" in row]
+        assert [row["trainer/global_step"] for row in per_round] == [1, 2]
+        assert {"train/site/loss", "val/site/mae", "val/pooled/mae", "val/pooled/r"} <= set(per_round[0])
+        summary = run["summary"]
+        assert summary["best/round"] in (1, 2) and "best/val/pooled/loss" in summary
+        assert {"test/pooled/mae", "test/ixi/mae", "test/sald/mae", "test/camcan/mae"} <= set(summary)
+        assert summary["test/table/_type"] == "table-file" and summary["test/table/nrows"] == 4  # a wandb.Table
+        images = [m for m in run["media"] if m.startswith("media/images/")]
+        assert any("scatter" in m for m in images) and any("loss" in m for m in images)
+        model = [a for a in run["artifacts"] if a["type"] == "model"]
+        assert len(model) == 1 and "best" in model[0]["aliases"] and model[0]["files"] == ["best.ckpt"]
+
+    # Every site keeps its own record, not only site 0.
+    for k in range(3):
+        site = tmp_path / "runs" / "demo" / f"site-{k}"
+        for name in ("config-fit.yaml", "history.json", "test_metrics.json", "loss.png"):
+            assert (site / name).is_file(), (k, name)

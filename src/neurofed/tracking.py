@@ -1,17 +1,25 @@
 """Experiment tracking conventions shared by every site of a federation.
 
 CSV logs are the default (no account, no network). Weights & Biases is opt-in through the config
-(``trainer.logger: class_path: lightning.pytorch.loggers.WandbLogger``); ``wandb`` itself is imported by
-Lightning only when such a logger starts, so a machine without it runs everything else. Each federation is
-one W&B *group* and each site one *run* with ``job_type="site"``, so the sites' curves sit side by side.
+(``trainer.logger: class_path: lightning.pytorch.loggers.WandbLogger``); ``wandb`` is imported only when such
+a logger starts, so a machine without it runs everything else. Each federation is one W&B *group* and each
+site one *run* with ``job_type="site"`` named ``<run>-<site>``, so the sites' curves sit side by side.
+
+Lightning's WandbLogger records what the trainer logs (per-round metrics at ``trainer/global_step`` =
+round). What a W&B user also expects of a finished run, and Lightning cannot know, is added by
+:class:`WandbReport`: the resolved configuration, the best round, the test table, the figures and the
+best checkpoint as a model artifact.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from neurofed.lightning_compat import wandb_init_kwargs
+
+__all__ = ["WandbReport", "configure_site_loggers", "flatten_config", "group_wandb_runs", "is_wandb_logger"]
 
 
 def is_wandb_logger(logger: Any) -> bool:
@@ -36,8 +44,107 @@ def group_wandb_runs(loggers: Iterable[Any], run_name: str, site_name: str) -> N
             init["mode"] = "offline"
 
 
+def site_display_name(datamodule: Any) -> str:
+    """The site's dataset name (``ixi``), ``pooled`` for a centralized run over several roots."""
+    names = getattr(datamodule, "site_names", None) or []
+    return names[0] if len(names) == 1 else ("pooled" if names else "site")
+
+
 def configure_site_loggers(trainer: Any, datamodule: Any) -> None:
     """Apply the grouping convention to the loggers of a freshly built trainer."""
-    names = getattr(datamodule, "site_names", None) or []
-    site = names[0] if len(names) == 1 else ("pooled" if names else "site")
-    group_wandb_runs(getattr(trainer, "loggers", []) or [], trainer.run_name, site)
+    group_wandb_runs(getattr(trainer, "loggers", []) or [], trainer.run_name, site_display_name(datamodule))
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"trainer": {"rounds": 3}}`` -> ``{"trainer.rounds": 3}``; ``init_args`` levels are dropped.
+
+    W&B filters and compares runs by flat keys, so ``model.lr`` is easier to use than a nested dict.
+    Values that are not plain JSON types are recorded as their string.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = prefix if key == "init_args" else (f"{prefix}.{key}" if prefix else str(key))
+        if isinstance(value, Mapping):
+            flat |= flatten_config(value, name)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            flat[name] = list(value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class WandbReport:
+    """Round-hook callback that completes each site's W&B run; added by the CLI when a WandbLogger is set.
+
+    At the end of ``fit`` it records the best round and its pooled validation loss in the run's summary and,
+    when the logger was built with ``log_model``, uploads the site's best checkpoint as a ``model`` artifact.
+    :meth:`report_test` adds the test table (a ``wandb.Table`` and one summary key per site and metric) and
+    the figures. Only the site leader writes; ``wandb`` is imported by the logger, never by this module.
+
+    Args:
+        config: The resolved configuration, recorded as the runs' config (``trainer.*``, ``model.*``,
+            ``data.*``).
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.config = flatten_config(config or {})
+
+    @staticmethod
+    def runs(trainer: Any) -> list[Any]:
+        """The W&B runs of this site (started on first use), none on a non-leader rank."""
+        if not trainer.site.is_leader:
+            return []
+        return [logger.experiment for logger in trainer.loggers if is_wandb_logger(logger)]
+
+    def on_fit_start(self, trainer: Any) -> None:
+        for run in self.runs(trainer):
+            run.config.update(self.config, allow_val_change=True)
+            run.define_metric("best/*", summary="last")
+
+    def on_fit_end(self, trainer: Any) -> None:
+        state = trainer.state
+        for logger in (lg for lg in trainer.loggers if is_wandb_logger(lg)):
+            if not trainer.site.is_leader:
+                continue
+            run = logger.experiment
+            if state.best_round >= 0:
+                run.summary["best/round"] = state.best_round + 1
+                run.summary["best/val/pooled/loss"] = state.best_val_loss
+            run.summary["rounds_done"] = state.round
+            if getattr(logger, "_log_model", False) and trainer.best_model_path and Path(trainer.best_model_path).is_file():
+                self._log_checkpoint(run, trainer)
+
+    @staticmethod
+    def _log_checkpoint(run: Any, trainer: Any) -> None:
+        import wandb
+
+        state = trainer.state
+        artifact = wandb.Artifact(
+            name=f"model-{trainer.run_name}-site{trainer.federation.site_rank}", type="model",
+            metadata={"best_round": state.best_round + 1, "val/pooled/loss": state.best_val_loss,
+                      "strategy": type(trainer.strategy).__name__, "run": trainer.run_name},
+        )
+        artifact.add_file(str(trainer.best_model_path), name="best.ckpt")
+        run.log_artifact(artifact, aliases=["best", f"round-{state.best_round + 1}"])
+
+    def report_test(self, trainer: Any, rows: Mapping[str, Mapping[str, float]], figures: Iterable[Path] = ()) -> None:
+        """Record the test table (per site and pooled) and the figures in this site's run(s)."""
+        runs = self.runs(trainer)
+        if not runs:
+            return
+        import wandb
+
+        metrics = sorted({key for row in rows.values() for key in row})
+        table = wandb.Table(columns=["site", *metrics],
+                            data=[[name, *[row.get(key) for key in metrics]] for name, row in rows.items()])
+        images = {f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures if Path(p).suffix == ".png"}
+        for run in runs:
+            run.log({"test/table": table, **images})
+            run.summary.update({f"test/{name}/{key}": value for name, row in rows.items() for key, value in row.items()})
+
+    def finish(self, trainer: Any) -> None:
+        """Close this site's runs so that their files are complete when the command returns."""
+        for run in self.runs(trainer):
+            run.finish()

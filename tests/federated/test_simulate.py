@@ -21,8 +21,12 @@ ECHO = textwrap.dedent(
     rank = int(value("--trainer.federation.site_rank"))
     print("argv", " ".join(args))
     print("master_port", os.environ["MASTER_PORT"], "local_rank" in {k.lower() for k in os.environ})
-    if "--fail" in args and rank == 1:
-        sys.exit(3)
+    print("tqdm_disable", os.environ.get("TQDM_DISABLE"))
+    if "--fail" in args and rank == 2:
+        sys.exit(5)  # fails first
+    if "--fail" in args and rank == 0:
+        time.sleep(1.0)
+        sys.exit(3)  # would fail later, with the lowest rank
     if "--fail" in args:
         time.sleep(60)
     """
@@ -69,19 +73,37 @@ def test_each_site_gets_its_root_rank_and_own_master_port(tmp_path):
         assert argv.endswith(
             f"fit --config c.yaml --data.root {root} --trainer.federation.site_rank {k} "
             f"--trainer.federation.num_sites 3 --trainer.federation.port 29999 --trainer.federation.address 127.0.0.1"
+            " --trainer.enable_progress_bar false"
         )
+        assert f"[site {k}] tqdm_disable 1" in lines  # no progress bars in piped site output
         assert next(line for line in lines if line.startswith(f"[site {k}] master_port")).endswith("False")
     ports = {line.split()[3] for line in lines if "master_port" in line}
     assert len(ports) == 3  # every site has its own intra-site DDP port
 
 
-def test_a_failing_site_stops_the_others(tmp_path):
+def test_the_first_site_to_fail_is_named_and_the_others_stopped(tmp_path):
     out = io.StringIO()
     start = time.monotonic()
     code = sim.simulate(["fit", "--fail"], ["a", "b", "c"], entry=_script(tmp_path, "echo.py", ECHO), out=out)
-    assert code == 3
-    assert time.monotonic() - start < 30  # the others were terminated, not waited for (they sleep 60 s)
-    assert "site 1 exited with code 3" in out.getvalue()
+    assert code == sim.FAILED == 2
+    assert time.monotonic() - start < 30  # the others were terminated, not waited for (site 1 sleeps 60 s)
+    # Site 2 failed first (at once); site 0, the lowest rank, would have failed a second later.
+    assert "[simulate] site 2 failed first (exit code 5)" in out.getvalue()
+    assert "site 0 failed" not in out.getvalue()
+
+
+def test_a_progress_bar_the_user_asks_for_is_kept():
+    argv = sim.site_command(["neurofed"], ["fit", "--trainer.enable_progress_bar", "true"], "r", 0, 2, 1, "a")
+    assert argv.count("--trainer.enable_progress_bar") == 1
+
+
+def test_simulate_help_says_a_subcommand_must_follow(capsys):
+    from neurofed.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = capsys.readouterr().out
+    assert "subcommand must follow" in out and "{fit,validate,test,predict}" in out
 
 
 def test_cli_arguments_pass_the_rest_through(tmp_path):
@@ -113,4 +135,4 @@ def test_simulated_federation_trains_end_to_end(tmp_path):
     losses = [line.split()[-1] for line in out.getvalue().splitlines() if "final val loss" in line]
     assert len(losses) == 2 and losses[0] == losses[1]  # pooled validation loss: identical at both sites
     for root in roots:
-        assert (Path(root) / "run" / "round-last.pt").is_file()
+        assert (Path(root) / "run" / "site-0" / "committed").is_file() or (Path(root) / "run" / "site-1" / "committed").is_file()

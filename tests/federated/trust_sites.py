@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from federated_toys import ToyRegressor, quiet_process, site_data, state_of
 
-from neurofed.federated import Federation, FederatedTrainer
+from neurofed.federated import FederatedTrainer, Federation
 from neurofed.federated.errors import FederationError
 
 

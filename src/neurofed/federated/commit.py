@@ -27,7 +27,7 @@ from neurofed.federated.checkpoint_io import CheckpointError, load
 from neurofed.federated.errors import FederationStorageError
 
 __all__ = ["BEST_FILE", "COMMITTED_FILE", "clean_orphans", "commit_round", "committed_rounds", "load_round",
-           "publish_best", "round_dir", "site_dir"]
+           "forget_rounds", "publish_best", "round_dir", "site_dir"]
 
 COMMITTED_FILE = "committed"
 ROUND_FILE = "round.pt"
@@ -121,6 +121,12 @@ def publish_best(run_dir: str | Path, site_rank: int, source: Path) -> None:
     atomic_write(site_dir(run_dir, site_rank) / BEST_FILE, lambda f: f.write(data))
     if site_rank == 0:
         atomic_write(Path(run_dir) / BEST_FILE, lambda f: f.write(data))
+
+
+def forget_rounds(run_dir: str | Path, site_rank: int) -> None:
+    """Remove this site's committed rounds before a fresh fit replaces the run (the pointer first)."""
+    (site_dir(run_dir, site_rank) / COMMITTED_FILE).unlink(missing_ok=True)
+    shutil.rmtree(site_dir(run_dir, site_rank) / ROUNDS, ignore_errors=True)
 
 
 def clean_orphans(run_dir: str | Path, site_rank: int) -> list[Path]:

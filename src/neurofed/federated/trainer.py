@@ -22,7 +22,15 @@ from neurofed.federated.agreement import evaluation_fingerprint, training_finger
 from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
 from neurofed.federated.checkpoint_io import CheckpointError
 from neurofed.federated.collectives import Collectives
-from neurofed.federated.commit import clean_orphans, commit_round, committed_rounds, load_round, publish_best, round_dir
+from neurofed.federated.commit import (
+    clean_orphans,
+    commit_round,
+    committed_rounds,
+    forget_rounds,
+    load_round,
+    publish_best,
+    round_dir,
+)
 from neurofed.federated.config import Federation
 from neurofed.federated.errors import SettingsError
 from neurofed.federated.evaluation import (
@@ -89,6 +97,8 @@ class FederatedTrainer:
         callbacks: Objects with round hooks (:class:`~neurofed.federated.callbacks.Callback`).
         default_root_dir: Root folder of all runs' checkpoints and logs.
         run_name: Folder of this run under ``default_root_dir``; default ``"run"``.
+        overwrite: Let ``neurofed fit`` reuse a run folder that already holds a run (its checkpoints, history
+            and predictions are replaced); without it the command refuses and names ``--ckpt_path last``.
         seed: Seed of weight initialisation, data order, augmentation and site sampling.
         enable_progress_bar: Show a progress bar over rounds on the site leader.
         compile: ``torch.compile`` the model before training.
@@ -115,6 +125,7 @@ class FederatedTrainer:
         callbacks: list[Any] | None = None,
         default_root_dir: str = "checkpoints",
         run_name: str | None = None,
+        overwrite: bool = False,
         seed: int = 0,
         enable_progress_bar: bool = True,
         compile: bool = False,
@@ -141,6 +152,7 @@ class FederatedTrainer:
         self.federation = fed
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
+        self.overwrite = bool(overwrite)
         self.site = Site(
             self.federation, self.run_dir, seed=self.seed, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, loggers=build_loggers(logger, self.run_dir, self.federation.site_rank),
@@ -203,6 +215,8 @@ class FederatedTrainer:
         committed = self._committed(ckpt_path) if ckpt_path is not None else None
         if site.is_leader:
             clean_orphans(self.run_dir, self.federation.site_rank)
+            if committed is None:  # a fresh fit replaces whatever rounds the folder held
+                forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened = site.link.open(training_fingerprint(self, model, keys, committed is not None), committed,
                                 self.strategy.site_weight(n_train))
@@ -371,8 +385,9 @@ class FederatedTrainer:
         if site.is_global_leader:
             write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
         site.launched().log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
-        log.info("%s round %d/%d: %s", site.name, r + 1, self.rounds,
-                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "round"))
+        log.info("%s round %d/%d: train %.4g | pooled val loss %.4g, MAE %.4g | site MAE %.4g | %.1f s",
+                 site.name, r + 1, self.rounds, trained.loss, val_loss, metrics["val/pooled/mae"],
+                 metrics["val/site/mae"], t_train + t_agg + t_val)
         site.call("on_round_end", trainer=self, round=r, metrics=metrics)
         return metrics
 
