@@ -20,17 +20,8 @@ from tqdm.auto import tqdm
 from neurofed.federated import state as ckpt
 from neurofed.federated.agreement import evaluation_fingerprint, training_fingerprint
 from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
-from neurofed.federated.checkpoint_io import CheckpointError
 from neurofed.federated.collectives import Collectives
-from neurofed.federated.commit import (
-    clean_orphans,
-    commit_round,
-    committed_rounds,
-    forget_rounds,
-    load_round,
-    publish_best,
-    round_dir,
-)
+from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
 from neurofed.federated.errors import SettingsError
 from neurofed.federated.evaluation import (
@@ -45,6 +36,7 @@ from neurofed.federated.local_training import LocalTraining, passes_per_round, t
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.params import flatten, load_vector
 from neurofed.federated.results import HISTORY_FILE, write_json
+from neurofed.federated.resume import committed_for, resume
 from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
@@ -64,15 +56,10 @@ class FederatedTrainer:
     site leader (global rank 0 of its site) talks to the other leaders. There is no server process: every
     site runs the strategy on the same numbers and takes the same decisions.
 
-    The global leader writes the run's results as JSON next to its checkpoints: ``history.json`` (the
-    per-round metrics, rounds numbered from 1) after every round, ``validate_metrics.json`` /
-    ``test_metrics.json`` (the per-site and pooled table) after ``validate()`` / ``test()``. Loggers get each
-    round's metrics at ``step = round``: the site's own under ``train/site/*`` and ``val/site/*``, the
-    federation's under ``val/pooled/*``.
-
-    The optimizer lives across rounds (its state is not reset when the global weights are loaded), so a
-    federation of one site with ``rounds=R, local_epochs=1`` is bit-identical to ``rounds=1,
-    local_epochs=R``: aggregating one site is the identity.
+    Results: ``history.json`` (per-round metrics, rounds from 1), ``validate_metrics.json`` /
+    ``test_metrics.json``; loggers get each round at ``step = round`` as ``train/site/*``, ``val/site/*`` and
+    ``val/pooled/*``. The optimizer lives across rounds, so one site with ``rounds=R, local_epochs=1`` is
+    bit-identical to ``rounds=1, local_epochs=R``: aggregating one site is the identity.
 
     Args:
         rounds: Number of federated rounds (aggregations).
@@ -160,11 +147,11 @@ class FederatedTrainer:
         )
         self.state = ckpt.RoundState()
         self.history: list[dict[str, float]] = []
-        self._history_before_resume: list[dict[str, float]] = []  # rounds run before ``ckpt_path`` was written
+        self.history_before_resume: list[dict[str, float]] = []  # rounds run before ``ckpt_path`` was written
         self.global_step = 0
         self.best_model_path: str | None = None
         self.predictions: list[Any] | None = None
-        self._plateau: PlateauLR | None = None
+        self.plateau: PlateauLR | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -194,9 +181,7 @@ class FederatedTrainer:
         """Leave the federation (the group is kept across fit/validate/test until then)."""
         self.site.close()
 
-    # ------------------------------------------------------------------------------------------------
-    # Public API (mirrors lightning.Trainer)
-    # ------------------------------------------------------------------------------------------------
+    # -- Public API (mirrors lightning.Trainer) ----------------------------------------------------------
     def fit(self, model: Any, datamodule: Any = None, train_dataloaders: DataLoader | None = None,
             val_dataloaders: DataLoader | None = None, ckpt_path: str | None = None) -> None:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
@@ -212,36 +197,35 @@ class FederatedTrainer:
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
-        committed = self._committed(ckpt_path) if ckpt_path is not None else None
+        committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
         if site.is_leader:
             clean_orphans(self.run_dir, self.federation.site_rank)
             if committed is None:  # a fresh fit replaces whatever rounds the folder held
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
-        opened = site.link.open(training_fingerprint(self, model, keys, committed is not None), committed,
-                                self.strategy.site_weight(n_train))
+        opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
+        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(n_train))
         self._declared = opened.declared
         self._site_names = gather_site_names(site.link, site.name) if self.federation.num_sites > 1 else [site.name]
-        for lg in site.loggers:
-            lg.log_hyperparams(self.hyperparameters(model))
+        for lg in site.loggers:  # what the sites agreed on, and where this site sits
+            lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
+                                "devices": str(self.devices), "num_nodes": site.num_nodes})
 
         share_target_stats(site.link, model, datamodule)
         self.state = ckpt.RoundState()
-        self._plateau = None if self.lr_plateau_patience is None else PlateauLR(
+        self.plateau = None if self.lr_plateau_patience is None else PlateauLR(
             site.optimizer, self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr)
-        self._history_before_resume = []
+        self.history_before_resume = []
         if committed is not None:
-            self._resume(opened.resume_round)
+            resume(self, opened.resume_round)
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
         passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
         site.call("on_fit_start", trainer=self)
 
-        bar = tqdm(
-            total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds",
-            disable=not (self.enable_progress_bar and site.is_leader), dynamic_ncols=True,
-        )
+        bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
+                   disable=not (self.enable_progress_bar and site.is_leader))
         try:
             while self.state.round < self.rounds and not self.state.stopped:
                 metrics = self._run_round(self.state.round, keys, train_loader, val_loader, datamodule, n_train, passes)
@@ -270,10 +254,8 @@ class FederatedTrainer:
         """
         return self._evaluate_federation("test", model, datamodule, ckpt_path, dataloaders)
 
-    def predict(
-        self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
-        dataloaders: DataLoader | None = None,
-    ) -> list[Any]:
+    def predict(self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
+                dataloaders: DataLoader | None = None) -> list[Any]:
         """Outputs of ``predict_step`` for this site's scans; nothing crosses a site boundary."""
         site = self.site
         site.launch()
@@ -289,9 +271,7 @@ class FederatedTrainer:
         self.predictions = outputs
         return outputs
 
-    # ------------------------------------------------------------------------------------------------
-    # One round, top to bottom
-    # ------------------------------------------------------------------------------------------------
+    # -- One round, top to bottom ------------------------------------------------------------------------
     def _run_round(
         self, r: int, keys: list[str], train_loader: Any, val_loader: Any, datamodule: Any, n_train: int, passes: int,
     ) -> dict[str, float]:
@@ -353,7 +333,7 @@ class FederatedTrainer:
         # (6) Identical decisions everywhere: best model (finite losses only), early stopping, LR on plateau.
         has_val = pooled.count > 0
         improved = self.state.record(r, val_loss, has_val, self.patience)
-        if self._plateau is not None and has_val and self._plateau.step(val_loss):
+        if self.plateau is not None and has_val and self.plateau.step(val_loss):
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
@@ -370,9 +350,9 @@ class FederatedTrainer:
                 self.run_dir, self.federation.site_rank, self.state.round,
                 shared=ckpt.shared_record(
                     self.state, {k: v for k, v in model.state_dict().items() if k in set(keys)},
-                    strategy.state_dict(), self._sampling().as_dict(), learning_rates(site.optimizer),
-                    self._plateau.state_dict() if self._plateau is not None else None,
-                    self._history_before_resume + self.history + [metrics]),
+                    strategy.state_dict(), self.sampling().as_dict(), learning_rates(site.optimizer),
+                    self.plateau.state_dict() if self.plateau is not None else None,
+                    self.history_before_resume + self.history + [metrics]),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
                                         self.global_step),
                 best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
@@ -383,7 +363,7 @@ class FederatedTrainer:
         # (8) One row of history, logged at step = round (1-based), then the round is over.
         self.history.append(metrics)
         if site.is_global_leader:
-            write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
+            write_json(self.run_dir / HISTORY_FILE, self.history_before_resume + self.history)
         site.launched().log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
         log.info("%s round %d/%d: train %.4g | pooled val loss %.4g, MAE %.4g | site MAE %.4g | %.1f s",
                  site.name, r + 1, self.rounds, trained.loss, val_loss, metrics["val/pooled/mae"],
@@ -391,43 +371,13 @@ class FederatedTrainer:
         site.call("on_round_end", trainer=self, round=r, metrics=metrics)
         return metrics
 
-    # ------------------------------------------------------------------------------------------------
-    # The parts of a round
-    # ------------------------------------------------------------------------------------------------
+    # -- The parts of a round ----------------------------------------------------------------------------
     def sampled_sites(self, r: int) -> set[int]:
         """Sites that train in round ``r`` (0-based), identical at every site (:class:`SiteSampling`)."""
-        return self._sampling().draw(r)
+        return self.sampling().draw(r)
 
-    def _sampling(self) -> SiteSampling:
+    def sampling(self) -> SiteSampling:
         return SiteSampling(self.seed, self.sites_per_round, self.federation.num_sites)
-
-    def _committed(self, ckpt_path: str) -> tuple[int, int]:
-        """(newest committed round, the one before it still held) of this site, for ``ckpt_path="last"``."""
-        if ckpt_path != "last":
-            raise CheckpointError(f"fit(ckpt_path={ckpt_path!r}): resume a fit with ckpt_path='last'")
-        committed = committed_rounds(self.run_dir, self.federation.site_rank)
-        if committed is None:
-            raise CheckpointError(
-                f"nothing to resume: {ckpt.site_dir(self.run_dir, self.federation.site_rank)} holds no committed "
-                "round; start the run without --ckpt_path"
-            )
-        return committed
-
-    def _resume(self, round: int) -> None:
-        """Restore weights, optimizer, strategy, counters, history and random state from a committed round."""
-        site, rank = self.site, self.federation.site_rank
-        shared, local = load_round(self.run_dir, rank, round)
-        folder = round_dir(self.run_dir, rank, round)
-        restored = ckpt.restore(shared, local, site.model, site.optimizer, self.strategy, self._sampling().as_dict(),
-                                where=str(folder))
-        self.state, self.global_step, self._history_before_resume = restored.state, restored.global_step, restored.history
-        if self._plateau is not None and restored.plateau is not None:
-            self._plateau.load_state_dict(restored.plateau)
-        if site.is_leader and (folder / ckpt.BEST_FILE).is_file():  # a crash may have come before publishing it
-            publish_best(self.run_dir, rank, folder / ckpt.BEST_FILE)
-        best = ckpt.site_dir(self.run_dir, rank) / ckpt.BEST_FILE
-        self.best_model_path = str(best) if best.is_file() else None
-        log.info("%s: resumed from %s after round %d", site.name, folder, self.state.round)
 
     def _evaluate_federation(
         self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, dataloaders: Any
@@ -442,17 +392,6 @@ class FederatedTrainer:
         return evaluation_stage(site, stage, loaders, datamodule, baseline_prediction(model), self.run_name,
                                 step=max(self.state.round, 1),
                                 fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
-
-    def hyperparameters(self, model: Any) -> dict[str, Any]:
-        """The run's settings as the loggers record them."""
-        return {
-            "rounds": self.rounds, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
-            "precision": self.precision, "devices": str(self.devices), "num_nodes": self.site.num_nodes,
-            "strategy": repr(self.strategy), "sites_per_round": self.sites_per_round, "patience": self.patience,
-            "lr_plateau_patience": self.lr_plateau_patience, "num_sites": self.federation.num_sites,
-            "site_rank": self.federation.site_rank, "site_name": self.site.name, "seed": self.seed,
-            "model": type(model).__name__,
-        }
 
 
 #: The validation metrics logged per round, for the site alone and pooled over the federation.
