@@ -49,6 +49,8 @@ EXTRA_COMMANDS = {
     "synth": ("neurofed.data.synth.command", "write synthetic multi-site BIDS datasets"),
     "simulate": ("neurofed.federated.simulate", "run a federation of N sites as N processes on this machine"),
     "status": ("neurofed.status", "print a run's progress: rounds, best round, pooled metrics, each site's files"),
+    "federation": ("neurofed.federated.preflight", "check a site's federation before training: rendezvous, peers, "
+                                                    "secret, settings"),
 }
 
 USAGE = "neurofed [-h] {fit,validate,test,predict,synth,simulate,status} ..."
