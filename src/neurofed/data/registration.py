@@ -5,8 +5,9 @@ pose, skull, neck, the scanner's own field of view) makes a network learn head p
 instead of anatomy. This module maps each scan onto the MNI152 2009 template that nilearn ships inside its
 package (no download), then applies the template brain mask, so raw scans meet the input contract.
 
-Method (SimpleITK): Mattes mutual information, centre-of-mass initialisation, rigid then affine, a
-two-level pyramid (4 and 2 mm) on a 2 mm template with a dilated brain mask restricting the samples, and
+Method (SimpleITK): Mattes mutual information, centre-of-mass initialisation and a coarse grid search at
+8 mm, rigid (8, 4, 2 mm pyramid) then affine (4, 2 mm) on a 2 mm template, a dilated brain mask
+restricting the samples, and
 a fixed random sampling seed, so the same file always gives the same transform. The moving scan is
 block-averaged to about 2 mm before registration, and the original scan is resampled only once, at the
 end, straight onto the final grid (``spacing`` and ``shape`` of the preprocessing, centred on the template
