@@ -27,6 +27,7 @@ from neurofed.data.preprocessing import (
     PathsLike,
     PreprocessConfig,
     as_path_list,
+    output_affine,
     preprocess,
 )
 from neurofed.data.validation import NeurofedDataError, ValidationReport
@@ -53,6 +54,23 @@ def file_digest(path: str | Path) -> str:
 def notes_path(target: Path) -> Path:
     """Where the repairs made while building an entry are kept, so that a cache hit still reports them."""
     return target.with_suffix(".notes.txt")
+
+
+def qc_path(target: Path) -> Path:
+    """Where an entry's input-QC measures are kept: computed once, like the entry itself."""
+    return target.with_suffix(".qc.json")
+
+
+def entry_qc(target: Path, first: Path, config: PreprocessConfig):
+    """The QC measures of a cached entry, computed from the cached array on first use."""
+    from neurofed.data.qc import QCResult, inspect
+
+    path = qc_path(target)
+    if path.is_file():
+        return QCResult.from_json(path.read_text())
+    result = inspect(np.load(target, mmap_mode="r"), output_affine(first, config))
+    atomic_write_text(path, result.to_json())
+    return result
 
 
 def _build_entry(paths: list[Path], config: PreprocessConfig, target: Path) -> list[str]:
@@ -135,15 +153,19 @@ class VolumeCache:
         num_workers: int = 0,
         report: ValidationReport | None = None,
         strict: bool = False,
+        qc: bool = False,
     ) -> ValidationReport:
         """Fill missing entries; failures become "unreadable" issues, never a crash halfway.
 
         Returns the report (the one passed in, or a new one), with one note counting the scans repaired
         while loading (NaN background set to 0), on cache hits too. A file that failed earlier in this
         process is reported again without being decoded again. ``strict=True`` raises after the pass if
-        any file failed.
+        any file failed. ``qc=True`` compares every entry with the MNI152 template (``qc.py``; measures
+        cached next to the entry) and adds a "qc" issue per scan outside the input contract; scans stay
+        in use unless ``strict``.
         """
         report = report if report is not None else ValidationReport()
+        records = list(records)
         todo: list[tuple[ScanRecord, Path]] = []
         repairs: list[str] = []
         for record in records:
@@ -189,9 +211,30 @@ class VolumeCache:
                 log.debug("%s", text)
             report.note(f"{len(repairs)} file(s) with NaN/inf background outside the field of view, set to 0 "
                         f"(first: {repairs[0]})")
-        if strict and report["unreadable"]:
+        if qc:
+            self._check(records, config, report)
+        if strict and (report["unreadable"] or report["qc"]):
             report.raise_if_issues()
         return report
+
+    def _check(self, records: Iterable[ScanRecord], config: PreprocessConfig, report: ValidationReport) -> None:
+        failed = {issue.path for issue in report["unreadable"]}
+        for record in records:
+            first = next(iter(record.paths.values()))
+            if str(first) in failed:
+                continue
+            try:
+                target = self.path_for(self.key(record.paths, config))
+                result = entry_qc(target, Path(first), config)
+            except (NeurofedDataError, OSError, ValueError) as exc:
+                log.debug("QC skipped for %s: %s", first, exc)
+                continue
+            problems = result.problems()
+            if problems:
+                from neurofed.data.qc import FIXES
+
+                report.add("qc", first, f"{first}: outside the input contract: {', '.join(problems)}; "
+                           f"{result.describe()}", f"kept; fix: {FIXES[problems[0]]}", reason=problems[0])
 
     @staticmethod
     def _fail(report: ValidationReport, record: ScanRecord, exc: Exception) -> None:

@@ -19,6 +19,7 @@ ISSUE_KINDS: tuple[str, ...] = (
     "unreadable",
     "duplicate_id",
     "not_in_participants",
+    "qc",  # outside the input contract (qc.py): counted, kept unless strict
 )
 
 

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site-effect", type=float, default=1.0,
                         help="scale of the scanner differences between sites: 0 = all sites one scanner, "
                              "1 = published between-scanner differences (default), 2 = twice them")
+    parser.add_argument("--raw", action="store_true",
+                        help="raw-like scans: skull, scalp and neck, native pose (±15°, ±20 mm), off-centre "
+                             "field of view; true transforms in sourcedata/transforms.tsv (for "
+                             "registration: affine and the input QC)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         path = generate_site(args.out, site, n, resolution=args.resolution, seed=args.seed,
                              cohort=args.cohort, session_fraction=args.sessions,
                              progress=getattr(args, "progress", True),
-                             site_effect=getattr(args, "site_effect", 1.0))
+                             site_effect=getattr(args, "site_effect", 1.0), raw=getattr(args, "raw", False))
         rows[site] = summarize_site(path) | {"seconds_per_subject": (time.perf_counter() - start) / n}
     print(f"wrote {len(rows)} site(s) under {args.out}")
     print(format_summary(rows))

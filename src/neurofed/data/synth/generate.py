@@ -36,6 +36,7 @@ from neurofed.data.synth.demographics import (
     draw_subject,
     scan_state,
 )
+from neurofed.data.synth.raw import synthesize_raw_scan, transform_row
 from neurofed.data.synth.site_effect import scaled_profile
 from neurofed.data.synth.sites import COHORT_AGE_RANGE, COHORTS, SiteProfile, get_site
 from neurofed.data.synth.template import load_template
@@ -138,7 +139,7 @@ def _prepare_dir(site_dir: Path) -> None:
 
 def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: float = 2.0, seed: int = 0,
                   cohort: str | None = None, session_fraction: float = 0.2,
-                  progress: bool = True, site_effect: float = 1.0) -> Path:
+                  progress: bool = True, site_effect: float = 1.0, raw: bool = False) -> Path:
     """Write the synthetic BIDS dataset ``out_dir/<site>`` and return its path.
 
     ``cohort`` ("healthy" or "ms") defaults to the site's own population; naming the other one keeps the
@@ -146,7 +147,8 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
     session 1-3 years after the first (``ses-1``/``ses-2`` folders); the others have no session level.
     ``site_effect`` scales the scanner differences between sites (0 = one scanner, 1 = published
     differences, 2 = twice them); see ``site_effect.scaled_profile``. Besides the BIDS files, the true
-    simulated variables of every scan go to ``sourcedata/latents.tsv``.
+    simulated variables of every scan go to ``sourcedata/latents.tsv``. ``raw=True`` writes raw-like scans
+    (head, neck, native pose; see ``raw.py``) and their true transforms to ``sourcedata/transforms.tsv``.
     """
     profile = scaled_profile(get_site(site), site_effect)
     cohort = cohort or profile.cohort
@@ -167,7 +169,15 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
         n_sessions = max(n_sessions, 1)
     longitudinal = set(np.random.default_rng([seed, site_key]).permutation(n_subjects)[:n_sessions].tolist())
 
-    participants, latents = [], []
+    participants, latents, transforms = [], [], []
+
+    def scan(years: float, k: int, relpath: str) -> tuple[np.ndarray, np.ndarray]:
+        if not raw:
+            return synthesize_scan(subject, years, k, profile, resolution)
+        data, affine, pose = synthesize_raw_scan(subject, years, k, profile, resolution, load_template(resolution))
+        transforms.append(transform_row(relpath, pose))
+        return data, affine
+
     sidecar = t1w_sidecar(profile, resolution, float(site_effect))
     start = time.perf_counter()
     for i in tqdm(range(n_subjects), desc=f"synth {profile.name}", unit="subject", disable=not progress):
@@ -181,8 +191,8 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
         if i in longitudinal:
             rows = []
             for k, years in enumerate((0.0, followup), start=1):
-                data, affine = synthesize_scan(subject, years, k, profile, resolution)
                 ses = f"ses-{k}"
+                data, affine = scan(years, k, f"{pid}/{ses}/anat/{pid}_{ses}_T1w.nii.gz")
                 stem = site_dir / pid / ses / "anat" / f"{pid}_{ses}_T1w"
                 write_nifti(stem.with_name(stem.name + ".nii.gz"), data, affine)
                 write_json(stem.with_name(stem.name + ".json"), sidecar)
@@ -191,7 +201,7 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
                 rows.append({"session_id": ses, "age": format_number(state.age, 1)} | _clinical(state, cohort))
             _write_tsv(site_dir / pid / f"{pid}_sessions.tsv", rows)
         else:
-            data, affine = synthesize_scan(subject, 0.0, 0, profile, resolution)
+            data, affine = scan(0.0, 0, f"{pid}/anat/{pid}_T1w.nii.gz")
             stem = site_dir / pid / "anat" / f"{pid}_T1w"
             write_nifti(stem.with_name(stem.name + ".nii.gz"), data, affine)
             write_json(stem.with_name(stem.name + ".json"), sidecar)
@@ -203,6 +213,8 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
     _write_tsv(site_dir / "participants.tsv", participants)
     (site_dir / "sourcedata").mkdir(exist_ok=True)
     _write_tsv(site_dir / "sourcedata" / "latents.tsv", latents)
+    if transforms:
+        _write_tsv(site_dir / "sourcedata" / "transforms.tsv", transforms)
     write_dataset_files(site_dir, profile, cohort, seed, resolution, n_subjects, float(site_effect),
                         has_sessions=bool(longitudinal))
     return site_dir
