@@ -31,6 +31,7 @@ def _site(port: int, rank: int, n: int, queue, leave_early: bool) -> None:
         }
         if leave_early:
             if rank == 0:
+                group.stage = "round 3"
                 start = time.monotonic()
                 try:
                     group.all_reduce_sum(torch.ones(1), "control")
@@ -87,6 +88,7 @@ def test_peer_leaving_mid_round_raises_instead_of_hanging() -> None:
     assert outcome != "no error"
     message, elapsed = outcome
     assert "site 0 of 2" in message and "127.0.0.1" in message
+    assert "site 1 left the federation during round 3" in message  # the survivor names who left, and when
     assert elapsed < 15
 
 

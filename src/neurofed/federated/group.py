@@ -149,7 +149,7 @@ class FederationGroup:
             return  # the store is gone: the federation is ending
 
     def _who_left(self) -> str:
-        """Which sites stopped sending heartbeats, as a phrase for an error message."""
+        """Which sites stopped sending heartbeats (no new one for ``_GONE_AFTER`` periods), as a phrase."""
         if self.site_rank != 0:
             try:
                 probe = dist.TCPStore(self.address, self.port, None, False, timedelta(seconds=3), False)
@@ -157,16 +157,24 @@ class FederationGroup:
                 return "site 0 (the rendezvous host) is unreachable: it left the federation"
         else:
             probe = self._store
-        now, gone = time.time(), []
-        for k in range(self.num_sites):
-            if k == self.site_rank:
-                continue
-            try:
-                last = float(probe.get(f"{_PRE}/alive/{k}")) if probe.check([f"{_PRE}/alive/{k}"]) else None
-            except RuntimeError:
-                last = None
-            if last is None or now - last > _GONE_AFTER * _HEARTBEAT_S:
-                gone.append(k)
+        others = [k for k in range(self.num_sites) if k != self.site_rank]
+
+        def beats() -> dict[int, str | None]:
+            out = {}
+            for k in others:
+                try:
+                    out[k] = probe.get(f"{_PRE}/alive/{k}").decode() if probe.check([f"{_PRE}/alive/{k}"]) else None
+                except RuntimeError:
+                    out[k] = None
+            return out
+
+        try:
+            before = beats()
+            time.sleep(_GONE_AFTER * _HEARTBEAT_S * 0.75)
+            after = beats()
+        except RuntimeError:
+            return "site 0 (the rendezvous host) is unreachable: it left the federation"
+        gone = [k for k in others if after[k] is None or after[k] == before[k]]
         if not gone:
             return "every other site is still alive (a network problem between sites?)"
         return f"site {', '.join(map(str, gone))} left the federation"

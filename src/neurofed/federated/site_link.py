@@ -96,6 +96,11 @@ class SiteLink:
         self.opened = result
         return result
 
+    def set_stage(self, text: str) -> None:
+        """What the federation is doing (``"round 3"``), named by the error if a site leaves now."""
+        if self.group is not None and hasattr(self.group, "stage"):
+            self.group.stage = text
+
     def check_round(self, round: int, digest: bytes) -> None:
         """The round check of :mod:`~neurofed.federated.integrity` (leader), its verdict on every rank."""
         failure: FederationError | None = None

@@ -186,6 +186,7 @@ class FederatedTrainer:
             val_dataloaders: DataLoader | None = None, ckpt_path: str | None = None) -> None:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
         site = self.site
+        committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
         fabric = site.launch()
         train_dataloaders = site.stage_loaders("fit", datamodule, train_dataloaders)
         if val_dataloaders is None and datamodule is not None:
@@ -197,7 +198,6 @@ class FederatedTrainer:
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
-        committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
         if site.is_leader:
             clean_orphans(self.run_dir, self.federation.site_rank)
             if committed is None:  # a fresh fit replaces whatever rounds the folder held
@@ -277,6 +277,7 @@ class FederatedTrainer:
     ) -> dict[str, float]:
         site, link, model, strategy = self.site, self.site.link, self.site.model, self.strategy
         link.bytes_sent = 0
+        link.set_stage(f"round {r + 1}")
         site.call("on_round_start", trainer=self, round=r)
 
         # (1) Global weights in. After the previous round's aggregation the model already holds them;
