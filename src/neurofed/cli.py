@@ -39,6 +39,7 @@ from neurofed.federated.results import (
     site_record_dir,
     write_site_results,
 )
+from neurofed.lightning_compat import cli_class, cli_config_value, cli_parser
 from neurofed.models import BrainAgeModule, SDMTModule  # noqa: F401 - listed by ``--model`` as known subclasses
 from neurofed.tracking import WandbReport, configure_site_loggers, is_wandb_logger
 
@@ -96,8 +97,8 @@ class NeurofedCLI(LightningCLI):
         parser.add_class_arguments(
             FederatedTrainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True
         )
-        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
-        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(cli_class(self, "model"), "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(cli_class(self, "data"), "data", subclass_mode=self.subclass_mode_data)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The backbone's input channels follow the modalities the data module stacks (T1w, T1w+FLAIR, ...).
@@ -116,7 +117,7 @@ class NeurofedCLI(LightningCLI):
         return self.trainer_class(**config)
 
     def before_instantiate_classes(self) -> None:
-        _check_data_roots(self._get(self.config, "data"))
+        _check_data_roots(cli_config_value(self, self.config, "data"))
         if self.subcommand == "fit":
             _check_run_folder(self.config["fit"])
 
@@ -143,7 +144,7 @@ class NeurofedCLI(LightningCLI):
             paths.append(run_dir / f"config-{self.subcommand}.yaml")
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._parser(self.subcommand).save(
+            cli_parser(self, self.subcommand).save(
                 self.config[self.subcommand], path, skip_none=False, overwrite=True, multifile=False
             )
 

@@ -1,14 +1,16 @@
 """The few places where neurofed relies on Lightning internals, kept in one file.
 
 Checked against lightning 2.6.6. Everything else in neurofed uses public Lightning APIs only; when an
-upgrade breaks one of these functions, this file is the only one to fix.
+upgrade breaks one of these functions, this file is the only one to fix. One more use lives in
+``neurofed.cli.NeurofedCLI``, which must override ``LightningCLI._instantiate_trainer``: LightningCLI builds
+its trainer there with Trainer callbacks, and offers no public hook to build another trainer class.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["attached_trainer", "replace_sampler", "wandb_init_kwargs"]
+__all__ = ["attached_trainer", "cli_class", "cli_config_value", "cli_parser", "replace_sampler", "wandb_init_kwargs"]
 
 
 def attached_trainer(module: Any) -> Any:
@@ -45,3 +47,18 @@ def wandb_init_kwargs(logger: Any) -> dict[str, Any]:
     elsewhere (by LightningCLI from a YAML file, say).
     """
     return logger._wandb_init
+
+
+def cli_class(cli: Any, group: str) -> Any:
+    """The model or datamodule class a LightningCLI was built with (``group``: ``"model"`` or ``"data"``)."""
+    return cli._model_class if group == "model" else cli._datamodule_class
+
+
+def cli_config_value(cli: Any, config: Any, key: str) -> Any:
+    """``key`` of the current subcommand's section of ``config`` (LightningCLI's own lookup)."""
+    return cli._get(config, key)
+
+
+def cli_parser(cli: Any, subcommand: str) -> Any:
+    """The parser of ``subcommand``, to save the resolved configuration as LightningCLI's callback would."""
+    return cli._parser(subcommand)

@@ -69,7 +69,7 @@ class FederationGroup:
         self.timeout_s = float(timeout_s)
         self.bind_address = bind_address or (address if site_rank == 0 or _is_loopback(address) else None)
         self.stage = "joining"  # what the federation is doing, for error messages (the trainer sets "round k")
-        self._pg = self._store = self._listener = None
+        self._pg = self._store = None
         self._stop = threading.Event()
         timeout = timedelta(seconds=self.timeout_s)
         log.info("site %d/%d joining the federation at %s:%d", site_rank, num_sites, address, port)
@@ -110,8 +110,7 @@ class FederationGroup:
                 "using the port, or is bind_address not an address of this machine?"
             ) from e
         sock.listen(128)
-        self._listener = sock
-        return sock.fileno()
+        return sock.detach()  # the store owns the descriptor from now on, and closes it
 
     def _claim_seat(self) -> None:
         store, me = self._store, self.site_rank
@@ -236,9 +235,6 @@ class FederationGroup:
             except RuntimeError as e:
                 log.debug("federation group shutdown: %s", e)
         self._store = None
-        listener, self._listener = getattr(self, "_listener", None), None
-        if listener is not None:
-            listener.close()
 
     def __enter__(self) -> FederationGroup:
         return self

@@ -89,8 +89,9 @@ class SiteLink:
         elif self.is_site_leader:
             self.connect()
         self._site_verdict(failure)
+        declared = result.declared if len(result.declared) == fed.num_sites else [0.0] * fed.num_sites
         shared = self.site_broadcast(torch.tensor(
-            [-1 if result.resume_round is None else result.resume_round, *result.declared], dtype=torch.float64))
+            [-1 if result.resume_round is None else result.resume_round, *declared], dtype=torch.float64))
         result = HandshakeResult(result.session, None if shared[0] < 0 else int(shared[0]), shared[1:].tolist())
         self._key = round_key(secret)
         self.opened = result

@@ -28,16 +28,19 @@ MS_COLUMNS = {
     "lesion_ml": {"Description": "T1-hypointense lesion volume at the first scan", "Units": "ml"},
     "disease_duration": {"Description": "Time since MS onset at the first scan", "Units": "year"},
 }
+
+
+def _at_each_session(columns: dict[str, dict]) -> dict[str, dict]:
+    """The participant columns that change over time, described per session instead of at the first scan."""
+    return {name: {**spec, "Description": spec["Description"].replace("at the first scan", "at this session")}
+            for name, spec in columns.items()}
+
+
 SESSION_COLUMNS = {
     "session_id": {"Description": "Session identifier (ses-1 is the first scan)"},
-    "age": {"Description": "Age at this session", "Units": "year"},
-    "sdmt": {"Description": "Synthetic Symbol Digit Modalities Test score at this session",
-             "Units": "correct responses"},
+    **{k: v for k, v in _at_each_session(PARTICIPANT_COLUMNS).items() if k in ("age", "sdmt")},
 }
-MS_SESSION_COLUMNS = {
-    "lesion_ml": {"Description": "T1-hypointense lesion volume at this session", "Units": "ml"},
-    "disease_duration": {"Description": "Time since MS onset at this session", "Units": "year"},
-}
+MS_SESSION_COLUMNS = _at_each_session(MS_COLUMNS)
 LATENT_COLUMNS = {
     "participant_id": {"Description": "Unique participant identifier"},
     "session_id": {"Description": "Session identifier, n/a for subjects with one scan and no session level"},
