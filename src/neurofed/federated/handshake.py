@@ -91,7 +91,8 @@ def handshake(group: Any, secret: bytes | None, fingerprint: dict[str, str], com
     nonce = secrets.token_bytes(NONCE_BYTES)
     hello = group.all_gather(bytes_tensor(nonce + _claimed_address().ljust(ADDRESS_BYTES, b"\0")), "handshake")
     nonces = [bytes(t[:NONCE_BYTES].tolist()) for t in hello]
-    addresses = [bytes(t[NONCE_BYTES:].tolist()).rstrip(b"\0").decode("ascii", "replace") for t in hello]
+    addresses = ["".join(ch if 32 <= ord(ch) < 127 else "?" for ch in bytes(t[NONCE_BYTES:].tolist()).rstrip(b"\0")
+                         .decode("latin-1")) for t in hello]  # claimed, unauthenticated: printable characters only
     tags = b"".join(_mac(key, "auth", me, j, nonces[j], nonce) for j in range(n))
     all_tags = group.all_gather(bytes_tensor(tags), "handshake")
     failed = [
