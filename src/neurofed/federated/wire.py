@@ -1,10 +1,11 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, small control tensors and each site's dataset name. Subject ids, predictions and
-images never cross; a payload is a numeric tensor, every kind except ``"parameters"`` is at most 16
-numbers and a ``"site_name"`` is at most 32 bytes, so a per-subject vector cannot slip through under
-another name.
+sufficient statistics, small control tensors, each site's dataset name and, under secure aggregation,
+its public key and its masked parameters. Subject ids, predictions and images never cross; a payload is a
+numeric tensor, every kind except ``"parameters"`` and ``"masked_parameters"`` is at most 16 numbers, a
+``"site_name"`` or a ``"public_key"`` is at most 32 bytes, so a per-subject vector cannot slip through
+under another name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ALLOWED_KINDS", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "SITE_NAME_BYTES", "FederationPayloadError", "check_payload",
+    "ALLOWED_KINDS", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "PUBLIC_KEY_BYTES", "SITE_NAME_BYTES", "FederationPayloadError", "check_payload",
     "decode_site_name", "encode_site_name",
 ]
 
@@ -25,12 +26,16 @@ KIND_DOCS: dict[str, str] = {
     "label_stats": "Sum and count of training labels, e.g. for a pooled target mean.",
     "control": "A small integer tensor used for agreed decisions like a stop flag / round number.",
     "site_name": "The site's dataset name as at most 32 ASCII bytes (uint8), so tables are readable; never subject data.",
+    "public_key": "The site's X25519 public key for secure aggregation: 32 uint8 bytes, once per run (never the private key).",
+    "masked_parameters": "Fixed-point parameters (or updates) plus pairwise masks, int64 residues mod 2^k: uniform noise "
+                         "on its own, only the sum over all sites means anything (secure aggregation).",
 }
 
 ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
 
 MAX_SMALL_ELEMENTS = 16
 SITE_NAME_BYTES = 32
+PUBLIC_KEY_BYTES = 32
 
 _NUMERIC = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -58,6 +63,15 @@ def check_payload(kind: str, tensor: object) -> None:
     if kind == "parameters":
         if not tensor.is_floating_point():
             raise FederationPayloadError(f"'parameters' payload must be floating point, got {tensor.dtype}")
+    elif kind == "masked_parameters":
+        if tensor.dtype != torch.int64:
+            raise FederationPayloadError(f"'masked_parameters' payload must be int64 residues, got {tensor.dtype}")
+    elif kind == "public_key":
+        if tensor.dtype != torch.uint8 or tensor.numel() != PUBLIC_KEY_BYTES:
+            raise FederationPayloadError(
+                f"'public_key' payload must be exactly {PUBLIC_KEY_BYTES} uint8 bytes, got {tensor.numel()} "
+                f"elements of {tensor.dtype}"
+            )
     elif kind == "site_name":
         if tensor.dtype != torch.uint8 or tensor.numel() > SITE_NAME_BYTES:
             raise FederationPayloadError(
