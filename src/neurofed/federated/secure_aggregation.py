@@ -62,7 +62,10 @@ class FixedPoint:
         clip_range: R; values are clipped to ``[−R, R]`` before encoding (counted in ``clipped``).
         num_sites: n, the number of vectors summed.
         frac_bits: f, the precision: the quantization step is ``2^−f`` and each site adds at most ``2^−(f+1)``
-            of rounding error. Default: the largest safe value, ``k − 2 − ⌈log2 n⌉ − ⌈log2 R⌉``.
+            of rounding error. It must leave headroom, ``f ≤ k − 2 − ⌈log2 n⌉ − ⌈log2 R⌉``. Default:
+            ``52 − ⌈log2 n⌉ − ⌈log2 R⌉`` (within that headroom), so that integers up to ``n·R·2^f`` are exact in
+            float64 and the quantization error is the only error: with R = 16 and 16 sites, f = 44 and a sum
+            is exact to ``16·2^−45 ≈ 5e−13``.
     """
 
     clip_range: float
@@ -73,9 +76,10 @@ class FixedPoint:
         if not (self.clip_range > 0 and math.isfinite(self.clip_range)):
             raise ValueError(f"FixedPoint: clip_range must be a positive finite number, got {self.clip_range}")
         self.bits = modulus_bits(self.num_sites)
-        headroom = self.bits - 2 - math.ceil(math.log2(self.num_sites)) - math.ceil(math.log2(self.clip_range))
-        if self.frac_bits is None:
-            self.frac_bits = min(headroom, 60)
+        log_nr = math.ceil(math.log2(self.num_sites)) + math.ceil(math.log2(self.clip_range))
+        headroom = self.bits - 2 - log_nr
+        if self.frac_bits is None:  # every encoded value and every decoded sum is then exact in float64
+            self.frac_bits = max(0, min(headroom, 52 - log_nr))
         if not 0 <= self.frac_bits <= headroom:
             raise ValueError(
                 f"FixedPoint: frac_bits={self.frac_bits} with clip_range={self.clip_range} and {self.num_sites} "

@@ -333,6 +333,7 @@ class FederatedTrainer:
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
+        metrics |= strategy.round_metrics()  # e.g. site-level ε of DP-FedAvg, clipped updates
         self.history.append(metrics)
         if site.is_global_leader:
             write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
