@@ -21,6 +21,7 @@ from neurofed.federated import state as ckpt
 from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.config import Federation
+from neurofed.federated.dp_sgd import DPSGD, PrivateSite, poisson_loader, steps_per_round
 from neurofed.federated.evaluation import baseline_prediction, evaluate_split, evaluation_stage, pool_split
 from neurofed.federated.local_training import LocalTraining, passes_per_round, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
@@ -81,6 +82,10 @@ class FederatedTrainer:
         enable_progress_bar: Show a progress bar over rounds on the site leader.
         compile: ``torch.compile`` the model before training.
         deterministic: Use deterministic algorithms (on CPU, results are then bit-reproducible).
+        privacy: Sample-level DP-SGD at this site (:class:`~neurofed.federated.dp_sgd.DPSGD`): Poisson
+            batches, per-example clipping and noise; ε at δ from Opacus' accountant is in every round's
+            metrics (``privacy/epsilon``, ``privacy/delta``), and training stops before a round that would
+            spend more than ``target_epsilon``. The model must not use BatchNorm (``norm="group"``).
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class FederatedTrainer:
         enable_progress_bar: bool = True,
         compile: bool = False,
         deterministic: bool = True,
+        privacy: DPSGD | None = None,
     ) -> None:
         if rounds < 1 or local_epochs < 1 or (local_steps is not None and local_steps < 1) or num_nodes < 1:
             raise ValueError(
@@ -127,6 +133,8 @@ class FederatedTrainer:
         self.federation = federation if federation is not None else Federation()
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
+        self.privacy = privacy
+        self._private: PrivateSite | None = None  # this site's DP-SGD state during fit
         self.site = Site(
             self.federation, self.run_dir, seed=self.seed, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, loggers=build_loggers(logger, self.run_dir, self.federation.site_rank),
@@ -179,10 +187,16 @@ class FederatedTrainer:
         train_dataloaders = site.stage_loaders("fit", datamodule, train_dataloaders)
         if val_dataloaders is None and datamodule is not None:
             val_dataloaders = datamodule_loader(datamodule, "val_dataloader")
+        if self.privacy is not None:
+            train_dataloaders = poisson_loader(train_dataloaders)
         n_train = num_examples(train_dataloaders)
         train_loader = fabric.setup_dataloaders(train_dataloaders)
         val_loader = site.setup_eval_loader(val_dataloaders)
-        site.setup(model, with_optimizer=True)
+        passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
+        if self.privacy is not None:
+            planned = self.rounds * steps_per_round(train_loader, passes, self.local_steps)
+            self._private = PrivateSite(self.privacy, train_dataloaders, planned)
+        site.setup(model, with_optimizer=True, privacy=self._private)
         site.link.connect()
         for lg in site.loggers:
             lg.log_hyperparams(self.hyperparameters(model))
@@ -200,7 +214,6 @@ class FederatedTrainer:
         if ckpt_path is None:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
-        passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(
@@ -275,7 +288,7 @@ class FederatedTrainer:
         trained = LocalTraining.skipped()
         if sampled:
             trained = train_locally(site, train_loader, datamodule, strategy, global_params, r, passes,
-                                    self.local_steps)
+                                    self.local_steps, privacy=self._private)
             self.global_step += trained.steps
         site.call("on_local_train_end", trainer=self, round=r, result=trained)
         t_train = time.perf_counter() - t0
@@ -315,6 +328,10 @@ class FederatedTrainer:
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
 
+        if self._private is not None:  # DP-SGD: stop before another round exceeds target_epsilon at some site
+            next_round = steps_per_round(train_loader, passes, self.local_steps)
+            self.state.stopped |= self._private.federation_budget_spent(link, next_round)
+
         # (6) Round checkpoint, written atomically (local file first, then the shared one).
         if site.is_leader:
             ckpt.save_round(
@@ -334,6 +351,8 @@ class FederatedTrainer:
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
         metrics |= strategy.round_metrics()  # e.g. site-level ε of DP-FedAvg, clipped updates
+        if self._private is not None:
+            metrics |= self._private.metrics()  # sample-level ε of DP-SGD at this site
         self.history.append(metrics)
         if site.is_global_leader:
             write_json(self.run_dir / HISTORY_FILE, self._history_before_resume + self.history)
