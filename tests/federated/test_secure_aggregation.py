@@ -156,3 +156,25 @@ def test_dp_fedavg_under_secure_aggregation_adds_the_same_noise_as_without() -> 
     plain = run_rule(make, rounds, start)
     for r in range(2):
         assert (masked[r][0] - plain[r][0]).abs().max() <= 4e-7
+
+
+def test_a_fit_under_secure_aggregation_and_dp_fedavg_records_its_wire_and_budget(tmp_path) -> None:
+    import lightning as L
+    from federated_toys import ToyRegressor, site_data
+
+    from neurofed.federated import FederatedTrainer
+    from neurofed.federated.group import LocalGroup, RecordingGroup
+
+    L.seed_everything(0)
+    strategy = SecureAggregation(DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, noise_seed=0))
+    trainer = FederatedTrainer(rounds=2, strategy=strategy, accelerator="cpu", logger=False,
+                               enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.group = RecordingGroup(LocalGroup())
+    trainer.fit(ToyRegressor(bn=False), site_data(0))
+    kinds = [kind for kind, _, _ in trainer.group.sent]
+    assert kinds.count("public_key") == 1 and kinds.count("masked_parameters") == 2
+    assert "parameters" in kinds[:2]  # only the starting weights cross in the clear (one broadcast)
+    assert kinds.count("parameters") == 1
+    rows = trainer.history
+    assert rows[1]["privacy/site_epsilon"] > rows[0]["privacy/site_epsilon"] > 0
+    assert rows[0]["privacy/site_delta"] == 1e-3 and rows[1]["secagg/clipped_values"] == 0

@@ -11,7 +11,7 @@ from torch import nn
 from neurofed.federated.collectives import NoContributionError
 from neurofed.federated.params import flatten, float_keys
 from neurofed.federated.strategies import (
-    ClipUpdates, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBN, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
+    ClipUpdates, DPFedAvg, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBN, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
 )
 
 RNG = np.random.default_rng(7)
@@ -260,3 +260,52 @@ def test_clip_updates_delegates_to_the_inner_rule() -> None:
         ClipUpdates(FedAvg(), max_norm=0)
     with pytest.raises(TypeError, match="Strategy"):
         ClipUpdates("fedavg", max_norm=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# DP-FedAvg
+# --------------------------------------------------------------------------------------------------------
+def test_dp_fedavg_without_noise_is_the_unweighted_mean_of_clipped_updates() -> None:
+    got = _run(lambda: DPFedAvg(FedAvg(), noise_multiplier=0.0, clip_norm=0.8))
+    g = START.astype(np.float64)
+    for r in range(2):
+        active = [k for k in range(4) if COUNTS[r][k] > 0]
+        clipped = []
+        for k in active:
+            u = PARAMS[r][k].astype(np.float64) - g
+            clipped.append(u * min(1.0, 0.8 / np.linalg.norm(u)))
+        g = g + np.mean(clipped, axis=0)
+        np.testing.assert_allclose(got[r], g, rtol=0, atol=2e-6)
+
+
+def test_dp_fedavg_noise_is_distributed_and_sums_to_sigma_c() -> None:
+    """Each sampled site adds N(0, σ²C²/m): over many coordinates the aggregate's noise has std σC/m."""
+    n, dim, sigma, c = 4, 20_000, 2.0, 0.5
+    start = torch.zeros(dim)
+    rounds = [([torch.zeros(dim)] * n, [5.0, 5.0, 5.0, 0.0])]  # 3 sites sampled, no signal
+    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c, noise_seed=1), rounds, start)
+    noise = out[0][0].double().numpy()
+    assert abs(noise.std() - sigma * c / 3) < 0.03 * sigma * c / 3 and abs(noise.mean()) < 0.01
+
+
+def test_dp_fedavg_epsilon_is_the_rdp_accountants_over_rounds_and_site_sampling() -> None:
+    from opacus.accountants import RDPAccountant
+
+    strategies: list[DPFedAvg] = []
+
+    def make():
+        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3,
+                                   noise_seed=0))
+        return strategies[-1]
+
+    _run(make)
+    reference = RDPAccountant()
+    reference.history = [(1.3, 4 / 4, 1), (1.3, 3 / 4, 1)]  # round 1: all 4 sites; round 2: 3 of 4
+    metrics = strategies[0].round_metrics()
+    assert metrics["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
+    assert metrics["privacy/site_delta"] == 1e-3
+    restored = DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3)
+    restored.load_state_dict(strategies[0].state_dict())
+    assert restored.epsilon == strategies[0].epsilon
+    with pytest.raises(ValueError, match="wrap FedAvg"):
+        DPFedAvg(FedMedian(), noise_multiplier=1.0, clip_norm=1.0)

@@ -111,7 +111,8 @@ class FixedPoint:
     def decode(self, total: Tensor) -> Tensor:
         """The float64 sum from an int64 sum of residues: reduce mod ``2^k``, recentre to signed, scale by ``2^−f``."""
         r = total.cpu().numpy().view(np.uint64) & self.modulus_mask
-        signed = r.astype(np.int64) - (r >= np.uint64(1 << (self.bits - 1))).astype(np.int64) * (1 << self.bits)
+        half = np.uint64(1 << (self.bits - 1))  # [0, 2^k) → [−2^(k−1), 2^(k−1)) without leaving uint64/int64
+        signed = ((r + half) & self.modulus_mask).astype(np.int64) - np.int64(half)
         return torch.from_numpy(signed.astype(np.float64) * 2.0**-self.frac_bits)
 
 
