@@ -129,3 +129,13 @@ def test_an_empty_poisson_draw_is_a_noise_only_step_that_is_accounted() -> None:
     private.empty_step(optimizer)
     assert private.steps == 1 and not torch.equal(before, model[0].weight)  # moved by the noise alone
     assert is_empty_batch(loader.collate_fn([])) and not is_empty_batch({"image": 1})
+
+
+def test_a_resumed_run_keeps_the_budget_already_spent(tmp_path) -> None:
+    settings = DPSGD(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-3)
+    _fit(tmp_path, settings, rounds=1)
+    L.seed_everything(0)
+    trainer = FederatedTrainer(rounds=2, privacy=settings, accelerator="cpu", logger=False, enable_progress_bar=False,
+                               default_root_dir=str(tmp_path))
+    trainer.fit(_model(), site_data(0, n_train=N_TRAIN, batch_size=BATCH), ckpt_path="last")
+    assert trainer.history[-1]["privacy/epsilon"] == pytest.approx(_reference(RDPAccountant(), 1.1, 8, 1e-3), rel=1e-9)

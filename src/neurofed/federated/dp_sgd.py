@@ -199,6 +199,11 @@ class PrivateSite:
         """Noisy steps accounted so far."""
         return sum(h[2] for h in self.accountant.history)
 
+    def account_past_steps(self, steps: int) -> None:
+        """Count ``steps`` already taken at this σ and q (a resumed run): ε never restarts from zero."""
+        if steps > 0:
+            self.accountant.history = [(self.noise_multiplier, self.sample_rate, int(steps))]
+
     def epsilon(self, extra_steps: int = 0) -> float:
         """ε at δ after the steps taken (plus ``extra_steps`` more at the same σ and q); ∞ without noise."""
         if self.noise_multiplier == 0:

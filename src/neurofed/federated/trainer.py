@@ -208,6 +208,9 @@ class FederatedTrainer:
         self._history_before_resume = []
         if ckpt_path is not None:
             self._resume(ckpt_path)
+            if self._private is not None:  # the budget already spent: every round trained was the same length
+                trained = sum(self.federation.site_rank in self.sampled_sites(r) for r in range(self.state.round))
+                self._private.account_past_steps(trained * steps_per_round(train_loader, passes, self.local_steps))
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
