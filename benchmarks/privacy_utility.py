@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import multiprocessing as mp
+import queue as queue_module
 import tempfile
 import time
 from pathlib import Path
@@ -128,7 +129,14 @@ def run_config(cfg: dict, data_dir: str) -> dict:
     procs = [ctx.Process(target=site_process, args=(k, port, data_dir, cfg, queue)) for k in range(len(SITES))]
     for p in procs:
         p.start()
-    results = dict((k, (h, t)) for k, h, t in (queue.get(timeout=3600) for _ in procs))
+    results: dict[int, tuple] = {}
+    while len(results) < len(procs):
+        try:
+            k, h, t = queue.get(timeout=5)
+            results[k] = (h, t)
+        except queue_module.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise SystemExit(f"{cfg['name']}: a site failed, exit codes {[p.exitcode for p in procs]}")
     for p in procs:
         p.join()
     hist = [results[k][0] for k in sorted(results)]

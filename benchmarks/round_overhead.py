@@ -21,6 +21,7 @@ per run and is timed apart. Each row is the median over rounds of the slowest si
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -161,6 +162,36 @@ def secure_benchmark(sites: list[int], rounds: int, channels: list[int]) -> None
         plain, masked = (sorted(v)[len(v) // 2] for v in (per_round["plain"], per_round["masked"]))
         print(f"{n:>5} | {plain:>8.3f} | {masked:>8.3f} | {masked / plain:>5.1f}x | {per_round['key_exchange'][0]:>14.3f}")
     sys.stdout.flush()
+    masking_compute(sites, n_params)
+
+
+def masking_compute(sites: list[int], n_params: int, repeats: int = 5) -> None:
+    """What one site computes to mask and unmask, in this process on one core (no transport, no contention
+    between site processes): encoding, the keystreams of its pairs, decoding — all pairs, and a ring of 4."""
+    from neurofed.federated import secure_aggregation as sa
+
+    torch.set_num_threads(1)
+    x = 0.01 * torch.randn(n_params, dtype=torch.float64)
+    print(f"\nper-site masking compute, one core, {n_params:,} values (best of {repeats})")
+    print(f"{'sites':>5} | {'all pairs s':>11} | {'ring of 4 s':>11} | {'float32 sum s':>13}")
+    for n in sites:
+        keys = [sa.SiteKeys() for _ in range(n)]
+        publics = [k.public for k in keys]
+        row = []
+        for neighbours in (None, 4):
+            shared = sa.key_exchange(keys[0], publics, 0, peers=sa.ring_neighbours(0, n, neighbours))
+            codec = sa.FixedPoint(16.0, n)
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                codec.decode(sa.mask(codec.encode(x), shared, 0, 0, 0, codec.modulus_mask))
+                best = min(best, time.perf_counter() - t0)
+            row.append(best)
+        v = x.float()
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            v = v + x.float()  # what summing n float32 vectors costs in memory traffic, for scale
+        print(f"{n:>5} | {row[0]:>11.3f} | {row[1]:>11.3f} | {time.perf_counter() - t0:>13.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

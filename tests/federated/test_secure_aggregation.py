@@ -25,11 +25,11 @@ def _rounds(n: int, dim: int = 257, seed: int = 0, scale: float = 0.1):
     return torch.from_numpy(start), rounds
 
 
-@pytest.mark.parametrize("n", [3, 8])
+@pytest.mark.parametrize(("n", "neighbours"), [(3, None), (8, None), (8, 4)])
 @pytest.mark.parametrize("inner", [FedAvg, lambda: FedAdam(eta=0.05)], ids=["fedavg", "fedadam"])
-def test_masked_sum_equals_plain_aggregate_within_quantization(n, inner) -> None:
+def test_masked_sum_equals_plain_aggregate_within_quantization(n, neighbours, inner) -> None:
     start, rounds = _rounds(n)
-    masked = run_rule(lambda: SecureAggregation(inner()), rounds, start)
+    masked = run_rule(lambda: SecureAggregation(inner(), neighbours=neighbours), rounds, start)
     plain = run_rule(inner, rounds, start)
     codec = sa.FixedPoint(16.0, n)
     for r in range(2):
@@ -178,3 +178,13 @@ def test_a_fit_under_secure_aggregation_and_dp_fedavg_records_its_wire_and_budge
     rows = trainer.history
     assert rows[1]["privacy/site_epsilon"] > rows[0]["privacy/site_epsilon"] > 0
     assert rows[0]["privacy/site_delta"] == 1e-3 and rows[1]["secagg/clipped_values"] == 0
+
+
+def test_ring_neighbours_are_symmetric_and_refuse_odd_counts() -> None:
+    for n in (5, 8, 16):
+        sets = [sa.ring_neighbours(i, n, 4) for i in range(n)]
+        assert all(len(s) == 4 and i not in s for i, s in enumerate(sets))
+        assert all((i in sets[j]) == (j in sets[i]) for i in range(n) for j in range(n))
+    assert sa.ring_neighbours(0, 3, 4) == {1, 2}
+    with pytest.raises(ValueError, match="even"):
+        SecureAggregation(FedAvg(), neighbours=3)

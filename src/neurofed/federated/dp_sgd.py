@@ -120,6 +120,9 @@ def poisson_loader(loader: DataLoader) -> DataLoader:
         raise ValueError("DP-SGD needs the training DataLoader with a batch_size (it becomes the expected batch "
                          f"size of Poisson sampling), got {loader!r}")
     n = len(loader.dataset)
+    if not loader.batch_size < n:
+        raise ValueError(f"DP-SGD: batch_size {loader.batch_size} must be smaller than the {n} training examples "
+                         "(the sample rate batch_size / N must be below 1); lower the batch size")
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=loader.batch_size / n)
     return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=_collate_or_empty(loader.collate_fn),
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
