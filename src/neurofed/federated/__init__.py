@@ -18,6 +18,7 @@ _EXPORTS = {
     "Federation": "neurofed.federated.config",
     "FederatedTrainer": "neurofed.federated.trainer",
     "DPSGD": "neurofed.federated.dp_sgd",
+    "DPSGDCallback": "neurofed.federated.dp_sgd_callback",
     **{name: "neurofed.federated.strategies" for name in (
         "ClipUpdates", "Contribution", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBN", "FedMedian",
         "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "RoundContext", "SecureAggregation", "Strategy",

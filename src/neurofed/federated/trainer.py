@@ -411,7 +411,7 @@ class FederatedTrainer:
             "strategy": repr(self.strategy), "sites_per_round": self.sites_per_round, "patience": self.patience,
             "lr_plateau_patience": self.lr_plateau_patience, "num_sites": self.federation.num_sites,
             "site_rank": self.federation.site_rank, "site_name": self.site.name, "seed": self.seed,
-            "model": type(model).__name__,
+            "model": type(model).__name__, "privacy": repr(self.privacy),
         }
 
 
