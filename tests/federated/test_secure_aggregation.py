@@ -11,7 +11,13 @@ from threaded_sites import run_rule
 
 from neurofed.federated import secure_aggregation as sa
 from neurofed.federated.strategies import (
-    ClipUpdates, DPFedAvg, FedAdam, FedAvg, FedMedian, FedTrimmedAvg, SecureAggregation,
+    ClipUpdates,
+    DPFedAvg,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    SecureAggregation,
 )
 from neurofed.federated.wire import FederationPayloadError, check_payload
 
@@ -151,7 +157,7 @@ def test_wire_allows_public_keys_and_masked_integers_only_in_their_shapes() -> N
 def test_dp_fedavg_under_secure_aggregation_adds_the_same_noise_as_without() -> None:
     """The masked sum of noised, clipped updates equals the plain one (same noise seed), within quantization."""
     start, rounds = _rounds(3, dim=50, scale=1.0)
-    make = lambda: DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=0.5, noise_seed=3)  # noqa: E731
+    make = lambda: DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=0.5, noise_seed=3)
     masked = run_rule(lambda: SecureAggregation(make()), rounds, start)
     plain = run_rule(make, rounds, start)
     for r in range(2):

@@ -11,7 +11,18 @@ from torch import nn
 from neurofed.federated.collectives import NoContributionError
 from neurofed.federated.params import flatten, float_keys
 from neurofed.federated.strategies import (
-    ClipUpdates, DPFedAvg, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBN, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
+    ClipUpdates,
+    DPFedAvg,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedBN,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
 )
 
 RNG = np.random.default_rng(7)
@@ -49,9 +60,9 @@ def _fedopt_reference(second_moment, eta=0.05, b1=0.9, b2=0.99, tau=1e-3, bias_c
     return out
 
 
-ADAM = lambda v, d2, b2: b2 * v + (1 - b2) * d2  # noqa: E731
-YOGI = lambda v, d2, b2: v - (1 - b2) * d2 * np.sign(v - d2)  # noqa: E731
-ADAGRAD = lambda v, d2, b2: v + d2  # noqa: E731
+ADAM = lambda v, d2, b2: b2 * v + (1 - b2) * d2
+YOGI = lambda v, d2, b2: v - (1 - b2) * d2 * np.sign(v - d2)
+ADAGRAD = lambda v, d2, b2: v + d2
 
 
 @pytest.mark.parametrize("weighted", [True, False])

@@ -85,7 +85,7 @@ def check_dp_model(model: nn.Module) -> None:
     """Raise unless every layer of ``model`` allows per-example gradients (no BatchNorm, nothing Opacus rejects)."""
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - a configuration error
                 f"DP-SGD: layer {name!r} is {type(module).__name__}, which mixes the examples of a batch so "
                 "per-example clipping cannot bound one patient's influence; build the model with GroupNorm "
                 "(BrainAgeModule(norm='group') / SFCN(norm='group'))"
@@ -162,7 +162,7 @@ class PrivateSite:
 
         self.settings = settings
         self.sample_rate = float(loader.batch_sampler.sample_rate)
-        self.expected_batch_size = int(round(self.sample_rate * len(loader.dataset)))
+        self.expected_batch_size = round(self.sample_rate * len(loader.dataset))
         self.planned_steps = int(planned_steps)
         self.noise_multiplier = settings.noise_multiplier
         if self.noise_multiplier is None:

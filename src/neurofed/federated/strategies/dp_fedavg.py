@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from neurofed.federated.collectives import Collectives
 from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 from neurofed.federated.strategies.clip_updates import clip_update
 from neurofed.federated.strategies.wrapper import StrategyWrapper
-
-if TYPE_CHECKING:
-    from neurofed.federated.site_link import SiteLink
 
 __all__ = ["DPFedAvg"]
 
@@ -51,7 +48,7 @@ class _NoisyMean(Collectives):
     def weighted_mean(self, vec: Tensor, weight: float) -> Tensor:
         active = 1.0 if weight > 0 else 0.0
         m = self.comm.total_weight(active)  # the number of sites that trained (public)
-        self.sampled = int(round(m))
+        self.sampled = round(m)
         g = self.global_params.double()
         noisy = (vec.double() - g) * active
         if active:

@@ -14,7 +14,8 @@ vector (FedMedian, FedTrimmedAvg: ``needs_individual_updates``) are refused.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
