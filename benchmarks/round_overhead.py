@@ -15,7 +15,10 @@ Aggregation time of a site includes waiting for slower sites to finish training;
 ``--secure`` times the aggregation alone (no training), at each site process, for a vector of the full-width
 SFCN's size: plain FedAvg (one float32 all_reduce) against ``SecureAggregation(FedAvg())`` (fixed-point
 encoding, one ChaCha20 mask per other site, one int64 all_reduce, decoding). The key exchange happens once
-per run and is timed apart. Each row is the median over rounds of the slowest site.
+per run and is timed apart. Each row is the median over rounds of the slowest site. On a shared machine
+the site processes compete for cores, which inflates the masked time (its cost is per-site CPU work); the
+second table gives what one site computes on one core, the number to compare with a realistic round (one
+local epoch of a few hundred full-size scans on a GPU: about a minute or more).
 """
 
 from __future__ import annotations
