@@ -10,11 +10,21 @@ Aggregation time of a site includes waiting for slower sites to finish training;
 
     python benchmarks/round_overhead.py               # CPU, 48^3, 3 sites
     python benchmarks/round_overhead.py --accelerator cuda --precision bf16-mixed --size 96 --steps 8
+    python benchmarks/round_overhead.py --secure --secure-sites 3 16   # aggregation only: plain vs masked
+
+``--secure`` times the aggregation alone (no training), at each site process, for a vector of the full-width
+SFCN's size: plain FedAvg (one float32 all_reduce) against ``SecureAggregation(FedAvg())`` (fixed-point
+encoding, one ChaCha20 mask per other site, one int64 all_reduce, decoding). The key exchange happens once
+per run and is timed apart. Each row is the median over rounds of the slowest site. On a shared machine
+the site processes compete for cores, which inflates the masked time (its cost is per-site CPU work); the
+second table gives what one site computes on one core, the number to compare with a realistic round (one
+local epoch of a few hundred full-size scans on a GPU: about a minute or more).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -99,6 +109,94 @@ def run_federation(n_sites: int, cfg: dict) -> tuple[dict[int, list[dict]], int,
     return histories, results[0][2], [mb for *_, mb in sorted(results)], wall
 
 
+def secure_site_process(rank: int, n_sites: int, port: int, n_params: int, rounds: int, queue) -> None:
+    """One site timing ``rounds`` plain and ``rounds`` masked aggregations of an ``n_params`` vector."""
+    from types import SimpleNamespace
+
+    from neurofed.federated.collectives import Collectives
+    from neurofed.federated.config import Federation
+    from neurofed.federated.group import FederationGroup
+    from neurofed.federated.site_link import SiteLink
+    from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, SecureAggregation
+
+    torch.set_num_threads(1)
+    group = FederationGroup("127.0.0.1", port, rank, n_sites, timeout_s=900)
+    link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")),
+                    Federation(site_rank=rank, num_sites=n_sites), group=group)
+    g = torch.zeros(n_params)
+    params = g + 0.01 * torch.randn(n_params, generator=torch.Generator().manual_seed(rank))
+    times: dict[str, list[float]] = {"plain": [], "masked": [], "key_exchange": []}
+    for name, strategy in (("plain", FedAvg()), ("masked", SecureAggregation(FedAvg()))):
+        for r in range(rounds + 1):  # round 0 of the masked rule includes the key exchange
+            ctx = RoundContext(round=r, seed=0, site_rank=rank, num_sites=n_sites)
+            group.barrier()
+            t0 = time.perf_counter()
+            strategy.aggregate(Contribution(params, g, 10.0 + rank), Collectives(link, r), ctx)
+            dt = time.perf_counter() - t0
+            if r > 0:
+                times[name].append(dt)
+            elif name == "masked":
+                times["key_exchange"].append(dt)  # includes one masked aggregation
+    group.close()
+    queue.put((rank, times))
+
+
+def secure_benchmark(sites: list[int], rounds: int, channels: list[int]) -> None:
+    """Print aggregation seconds per round, plain vs masked, for each federation size in ``sites``."""
+    from neurofed.models import BrainAgeModule
+
+    n_params = sum(v.numel() for v in BrainAgeModule(channels=channels).state_dict().values() if v.is_floating_point())
+    print(f"aggregation of {n_params:,} floats (full-width SFCN brain-age model), {rounds} rounds, "
+          f"{os.cpu_count()} CPU cores, one thread per site process")
+    header = f"{'sites':>5} | {'plain s':>8} | {'masked s':>8} | {'ratio':>6} | {'key exchange s':>14}"
+    print(header)
+    print("-" * len(header))
+    ctx = mp.get_context("spawn")
+    for n in sites:
+        queue, port = ctx.Queue(), free_port()
+        procs = [ctx.Process(target=secure_site_process, args=(k, n, port, n_params, rounds, queue)) for k in range(n)]
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=3600) for _ in procs)
+        for p in procs:
+            p.join()
+        per_round = {name: [max(results[k][name][i] for k in results) for i in range(len(results[0][name]))]
+                     for name in ("plain", "masked", "key_exchange")}
+        plain, masked = (sorted(v)[len(v) // 2] for v in (per_round["plain"], per_round["masked"]))
+        print(f"{n:>5} | {plain:>8.3f} | {masked:>8.3f} | {masked / plain:>5.1f}x | {per_round['key_exchange'][0]:>14.3f}")
+    sys.stdout.flush()
+    masking_compute(sites, n_params)
+
+
+def masking_compute(sites: list[int], n_params: int, repeats: int = 5) -> None:
+    """What one site computes to mask and unmask, in this process on one core (no transport, no contention
+    between site processes): encoding, the keystreams of its pairs, decoding — all pairs, and a ring of 4."""
+    from neurofed.federated import secure_aggregation as sa
+
+    torch.set_num_threads(1)
+    x = 0.01 * torch.randn(n_params, dtype=torch.float64)
+    print(f"\nper-site masking compute, one core, {n_params:,} values (best of {repeats})")
+    print(f"{'sites':>5} | {'all pairs s':>11} | {'ring of 4 s':>11} | {'float32 sum s':>13}")
+    for n in sites:
+        keys = [sa.SiteKeys() for _ in range(n)]
+        publics = [k.public for k in keys]
+        row = []
+        for neighbours in (None, 4):
+            shared = sa.key_exchange(keys[0], publics, 0, peers=sa.ring_neighbours(0, n, neighbours))
+            codec = sa.FixedPoint(16.0, n)
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                codec.decode(sa.mask(codec.encode(x), shared, 0, 0, 0, codec.modulus_mask))
+                best = min(best, time.perf_counter() - t0)
+            row.append(best)
+        v = x.float()
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            v = v + x.float()  # what summing n float32 vectors costs in memory traffic, for scale
+        print(f"{n:>5} | {row[0]:>11.3f} | {row[1]:>11.3f} | {time.perf_counter() - t0:>13.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
@@ -110,7 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, nargs=6, default=[32, 64, 128, 256, 256, 64])
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--secure", action="store_true", help="time aggregation alone: plain vs secure (masked)")
+    parser.add_argument("--secure-sites", type=int, nargs="+", default=[3, 16])
     args = parser.parse_args(argv)
+    if args.secure:
+        secure_benchmark(args.secure_sites, args.rounds, args.channels)
+        return
     with tempfile.TemporaryDirectory() as root:
         cfg = dict(vars(args), root=root)
         histories, n_params, _, _ = run_federation(args.sites, cfg)

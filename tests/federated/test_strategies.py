@@ -10,7 +10,20 @@ from torch import nn
 
 from neurofed.federated.collectives import NoContributionError
 from neurofed.federated.params import flatten, float_keys
-from neurofed.federated.strategies import FedAdagrad, FedAdam, FedAvg, FedBN, FedMedian, FedProx, FedYogi, Strategy
+from neurofed.federated.strategies import (
+    ClipUpdates,
+    DPFedAvg,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedBN,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
+)
 
 RNG = np.random.default_rng(7)
 START = RNG.normal(size=6).astype(np.float32)
@@ -47,9 +60,9 @@ def _fedopt_reference(second_moment, eta=0.05, b1=0.9, b2=0.99, tau=1e-3, bias_c
     return out
 
 
-ADAM = lambda v, d2, b2: b2 * v + (1 - b2) * d2  # noqa: E731
-YOGI = lambda v, d2, b2: v - (1 - b2) * d2 * np.sign(v - d2)  # noqa: E731
-ADAGRAD = lambda v, d2, b2: v + d2  # noqa: E731
+ADAM = lambda v, d2, b2: b2 * v + (1 - b2) * d2
+YOGI = lambda v, d2, b2: v - (1 - b2) * d2 * np.sign(v - d2)
+ADAGRAD = lambda v, d2, b2: v + d2
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -166,3 +179,144 @@ def test_repr_state_and_the_abstract_base() -> None:
         Strategy()  # a rule without aggregate() cannot be built
     with pytest.raises(ValueError, match="eta"):
         FedYogi(eta=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# FedAvgM, FedTrimmedAvg, ClipUpdates
+# --------------------------------------------------------------------------------------------------------
+def test_fedavgm_matches_numpy_over_two_rounds() -> None:
+    got = _run(lambda: FedAvgM(server_lr=0.7, momentum=0.9))
+    g, v = START.astype(np.float64), 0.0
+    for r in range(2):
+        v = 0.9 * v + (g - _mean(PARAMS[r], COUNTS[r]))
+        g = g - 0.7 * v
+        np.testing.assert_allclose(got[r], g, rtol=0, atol=2e-6)
+
+
+def test_fedavgm_without_momentum_is_fedavg_and_round_trips_its_state() -> None:
+    plain, avg = _run(lambda: FedAvgM(server_lr=1.0, momentum=0.0)), _run(FedAvg)
+    for r in range(2):
+        np.testing.assert_allclose(plain[r], avg[r], rtol=0, atol=1e-6)
+    a = FedAvgM()
+    g = a.server_step(torch.zeros(3), torch.tensor([0.1, -0.2, 0.3]))
+    b = FedAvgM()
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.server_step(g, torch.ones(3)), b.server_step(g, torch.ones(3)))
+    with pytest.raises(ValueError, match="momentum"):
+        FedAvgM(momentum=1.0)
+
+
+def _trimmed(values: np.ndarray, beta: float) -> np.ndarray:
+    """Independent reference: for each coordinate, drop floor(beta*m) at each end after sorting, average."""
+    m = values.shape[0]
+    b = int(np.floor(beta * m))
+    out = np.empty(values.shape[1])
+    for i in range(values.shape[1]):
+        col = sorted(values[:, i].astype(np.float64).tolist())
+        kept = col[b: m - b]
+        out[i] = sum(kept) / len(kept)
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.4])
+def test_fedtrimmedavg_matches_numpy_and_ignores_unsampled_sites(beta) -> None:
+    got = _run(lambda: FedTrimmedAvg(beta=beta))
+    np.testing.assert_allclose(got[0], _trimmed(PARAMS[0], beta), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(got[1], _trimmed(PARAMS[1][:3], beta), rtol=0, atol=2e-7)  # site 3 not sampled
+    assert FedTrimmedAvg.needs_individual_updates
+    with pytest.raises(ValueError, match="beta"):
+        FedTrimmedAvg(beta=0.5)
+
+
+def test_fedtrimmedavg_bounds_an_outlier_site() -> None:
+    rounds = [([torch.full((3,), v) for v in (1.0, 1.1, 0.9, 1.05, 1e6)], [1.0] * 5)]
+    out = run_rule(lambda: FedTrimmedAvg(beta=0.2), rounds, torch.zeros(3))[0][0]
+    torch.testing.assert_close(out, torch.full((3,), (1.0 + 1.05 + 1.1) / 3))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_updates_matches_numpy_and_counts_clipped_sites(max_norm) -> None:
+    strategies: list[ClipUpdates] = []
+
+    def make():
+        strategies.append(ClipUpdates(FedAdam(eta=0.05, beta1=0.9, beta2=0.99, tau=1e-3), max_norm=max_norm))
+        return strategies[-1]
+
+    got = _run(make)
+    g, m, v = START.astype(np.float64), 0.0, 0.0
+    clipped = np.zeros(4)
+    for r in range(2):
+        sent = []
+        for k in range(4):
+            u = PARAMS[r][k].astype(np.float64) - g
+            norm = np.linalg.norm(u)
+            if norm > max_norm:  # the harness sends site 3's vector even unsampled (weight 0)
+                u, clipped[k] = u * max_norm / norm, clipped[k] + 1
+            sent.append(g + u)
+        delta = _mean(np.stack(sent), COUNTS[r]) - g
+        m, v = 0.9 * m + 0.1 * delta, 0.99 * v + 0.01 * delta**2
+        g = g + 0.05 * m / (np.sqrt(v) + 1e-3)
+        np.testing.assert_allclose(got[r], g, rtol=0, atol=2e-6)
+    assert [s.clipped_rounds for s in strategies] == clipped.tolist()
+    assert (clipped.sum() > 0) == (max_norm < 1)
+    metrics = strategies[0].round_metrics()
+    assert metrics["clip/clipped_rounds"] == clipped[0] and metrics["clip/update_norm"] > 0
+
+
+def test_clip_updates_delegates_to_the_inner_rule() -> None:
+    wrapped = ClipUpdates(FedMedian(), max_norm=1.0)
+    assert wrapped.needs_individual_updates and "max_norm=1.0" in repr(wrapped)
+    assert ClipUpdates(FedAdam(), 1.0).state_dict() == FedAdam().state_dict()
+    with pytest.raises(ValueError, match="max_norm"):
+        ClipUpdates(FedAvg(), max_norm=0)
+    with pytest.raises(TypeError, match="Strategy"):
+        ClipUpdates("fedavg", max_norm=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# DP-FedAvg
+# --------------------------------------------------------------------------------------------------------
+def test_dp_fedavg_without_noise_is_the_unweighted_mean_of_clipped_updates() -> None:
+    got = _run(lambda: DPFedAvg(FedAvg(), noise_multiplier=0.0, clip_norm=0.8))
+    g = START.astype(np.float64)
+    for r in range(2):
+        active = [k for k in range(4) if COUNTS[r][k] > 0]
+        clipped = []
+        for k in active:
+            u = PARAMS[r][k].astype(np.float64) - g
+            clipped.append(u * min(1.0, 0.8 / np.linalg.norm(u)))
+        g = g + np.mean(clipped, axis=0)
+        np.testing.assert_allclose(got[r], g, rtol=0, atol=2e-6)
+
+
+def test_dp_fedavg_noise_is_distributed_and_sums_to_sigma_c() -> None:
+    """Each sampled site adds N(0, σ²C²/m): over many coordinates the aggregate's noise has std σC/m."""
+    n, dim, sigma, c = 4, 20_000, 2.0, 0.5
+    start = torch.zeros(dim)
+    rounds = [([torch.zeros(dim)] * n, [5.0, 5.0, 5.0, 0.0])]  # 3 sites sampled, no signal
+    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c, noise_seed=1), rounds, start)
+    noise = out[0][0].double().numpy()
+    assert abs(noise.std() - sigma * c / 3) < 0.03 * sigma * c / 3 and abs(noise.mean()) < 0.01
+
+
+def test_dp_fedavg_epsilon_is_the_rdp_accountants_over_rounds_and_site_sampling() -> None:
+    from opacus.accountants import RDPAccountant
+
+    strategies: list[DPFedAvg] = []
+
+    def make():
+        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3,
+                                   noise_seed=0))
+        return strategies[-1]
+
+    _run(make)
+    reference = RDPAccountant()
+    reference.history = [(1.3, 4 / 4, 1), (1.3, 3 / 4, 1)]  # round 1: all 4 sites; round 2: 3 of 4
+    metrics = strategies[0].round_metrics()
+    assert metrics["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
+    assert metrics["privacy/site_delta"] == 1e-3
+    restored = DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3)
+    restored.load_state_dict(strategies[0].state_dict())
+    assert restored.epsilon == strategies[0].epsilon
+    with pytest.raises(ValueError, match="wrap FedAvg"):
+        DPFedAvg(FedMedian(), noise_multiplier=1.0, clip_norm=1.0)

@@ -17,9 +17,12 @@ _EXPORTS = {
     "Callback": "neurofed.federated.callbacks",
     "Federation": "neurofed.federated.config",
     "FederatedTrainer": "neurofed.federated.trainer",
+    "DPSGD": "neurofed.federated.dp_sgd",
+    "DPSGDCallback": "neurofed.federated.dp_sgd_callback",
     **{name: "neurofed.federated.strategies" for name in (
-        "Contribution", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedMedian", "FedOpt", "FedProx", "FedYogi",
-        "RoundContext", "Strategy",
+        "ClipUpdates", "Contribution", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBN", "FedMedian",
+        "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "RoundContext", "SecureAggregation", "Strategy",
+        "StrategyWrapper",
     )},
 }
 

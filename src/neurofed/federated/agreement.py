@@ -50,4 +50,5 @@ def training_fingerprint(trainer: Any, model: Any, keys: list[str], resuming: bo
         "stopping": f"patience={trainer.patience}, lr_plateau={trainer.lr_plateau_patience}x{trainer.lr_plateau_factor}",
         "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}",
         "resuming": str(bool(resuming)),
+        "sample-level privacy": repr(getattr(trainer, "privacy", None)),
     }

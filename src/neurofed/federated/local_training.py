@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from neurofed.federated.batches import after_transfer, batch_size
+from neurofed.federated.dp_sgd import is_empty_batch
 from neurofed.federated.site import LOCAL_PASS_STREAM
 
 if TYPE_CHECKING:
+    from neurofed.federated.dp_sgd import PrivateSite
     from neurofed.federated.site import Site
     from neurofed.federated.strategies import Strategy
 
@@ -60,13 +62,14 @@ def passes_per_round(loader: Any, local_epochs: int, local_steps: int | None) ->
 
 def train_locally(
     site: Site, loader: Iterable, datamodule: Any, strategy: Strategy, global_params: dict[str, Tensor],
-    round: int, passes: int, max_steps: int | None,
+    round: int, passes: int, max_steps: int | None, privacy: PrivateSite | None = None,
 ) -> LocalTraining:
     """Train ``site.model`` on ``loader`` for ``passes`` passes (or until ``max_steps`` optimizer steps).
 
     Pass ``i`` of round ``r`` is pass ``r * passes + i`` of the run. Before it, every random generator is
     reseeded from that number (:meth:`Site.reseed`) and the sampler's epoch is set to it, so data order,
-    dropout and augmentation depend on it alone: a resumed run repeats an uninterrupted one.
+    dropout and augmentation depend on it alone: a resumed run repeats an uninterrupted one. Under DP-SGD
+    (``privacy``), a Poisson draw of no example is still a step: the noise alone.
     """
     fabric, wrapped, optimizer = site.launched(), site.wrapped, site.optimizer
     wrapped.train()
@@ -92,6 +95,13 @@ def train_locally(
             data_wait += time.perf_counter() - t0
             if batch is None:
                 break
+            if privacy is not None and is_empty_batch(batch):
+                privacy.empty_step(optimizer)
+                steps += 1
+                i += 1
+                if max_steps is not None and steps >= max_steps:
+                    break
+                continue
             batch = after_transfer(datamodule, batch, 0)
             out = wrapped.training_step(batch, i)
             loss = out["loss"] if isinstance(out, dict) else out
@@ -106,6 +116,8 @@ def train_locally(
             i += 1
             if max_steps is not None and steps >= max_steps:
                 return LocalTraining((loss_sum / max(seen, 1)).item(), seen, steps, data_wait)
+        if max_steps is not None and steps >= max_steps:
+            break
         if i == 0:
             raise RuntimeError("the training dataloader is empty; nothing to train on")
     return LocalTraining((loss_sum / max(seen, 1)).item(), seen, steps, data_wait)

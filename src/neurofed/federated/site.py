@@ -184,21 +184,30 @@ class Site:
             raise ValueError(f"FederatedTrainer.{stage}: pass a datamodule or dataloaders")
         return loaders
 
-    def setup(self, model: Any, with_optimizer: bool) -> None:
+    def setup(self, model: Any, with_optimizer: bool, privacy: Any = None) -> None:
         """Fabric-wrap ``model`` (once per model) and build its optimizer once.
 
         Keeping the optimizer across rounds and stages is what makes a one-site federation equal to
-        centralized training; passing another model object starts over with it.
+        centralized training; passing another model object starts over with it. With ``privacy`` (a
+        :class:`~neurofed.federated.dp_sgd.PrivateSite`), DP-SGD's hooks go on the raw module before Fabric
+        wraps it, and its DP optimizer wraps the module's optimizer.
         """
         fabric = self.launched()
         if model is not self.model:
+            if privacy is not None:
+                if fabric.world_size > 1:
+                    raise ValueError("DP-SGD runs on one device per site for now; use devices=1, num_nodes=1")
+                privacy.attach_hooks(model)
             if self.compile:
                 # In place and forward only: state_dict keys stay the same (no ``_orig_mod.`` prefix), so
                 # aggregation and checkpoints are unchanged.
                 model.compile()
             self.model, self.wrapped, self.optimizer = model, fabric.setup_module(model), None
         if with_optimizer and self.optimizer is None:
-            self.optimizer = fabric.setup_optimizers(single_optimizer(model.configure_optimizers()))
+            optimizer = single_optimizer(model.configure_optimizers())
+            if privacy is not None:
+                optimizer = privacy.wrap_optimizer(optimizer)
+            self.optimizer = fabric.setup_optimizers(optimizer)
 
     def setup_eval_loader(self, loader: Any) -> Any:
         """Shard an evaluation loader over the site's ranks without padding (sums must count each scan once)."""

@@ -23,6 +23,7 @@ from neurofed.federated.batches import after_transfer, datamodule_loader, num_ex
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
+from neurofed.federated.dp_sgd import DPSGD, PrivateSite, poisson_loader, steps_per_round
 from neurofed.federated.errors import SettingsError
 from neurofed.federated.evaluation import (
     baseline_prediction,
@@ -90,6 +91,10 @@ class FederatedTrainer:
         enable_progress_bar: Show a progress bar over rounds on the site leader.
         compile: ``torch.compile`` the model before training.
         deterministic: Use deterministic algorithms (on CPU, results are then bit-reproducible).
+        privacy: Sample-level DP-SGD at this site (:class:`~neurofed.federated.dp_sgd.DPSGD`): Poisson
+            batches, per-example clipping and noise; ε at δ from Opacus' accountant is in every round's
+            metrics (``privacy/epsilon``, ``privacy/delta``), and training stops before a round that would
+            spend more than ``target_epsilon``. The model must not use BatchNorm (``norm="group"``).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class FederatedTrainer:
         enable_progress_bar: bool = True,
         compile: bool = False,
         deterministic: bool = True,
+        privacy: DPSGD | None = None,
     ) -> None:
         fed = federation if federation is not None else Federation()
         if rounds < 1 or local_epochs < 1 or (local_steps is not None and local_steps < 1) or num_nodes < 1:
@@ -140,6 +146,8 @@ class FederatedTrainer:
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
         self.overwrite = bool(overwrite)
+        self.privacy = privacy
+        self._private: PrivateSite | None = None  # this site's DP-SGD state during fit
         self.site = Site(
             self.federation, self.run_dir, seed=self.seed, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, loggers=build_loggers(logger, self.run_dir, self.federation.site_rank),
@@ -191,10 +199,16 @@ class FederatedTrainer:
         train_dataloaders = site.stage_loaders("fit", datamodule, train_dataloaders)
         if val_dataloaders is None and datamodule is not None:
             val_dataloaders = datamodule_loader(datamodule, "val_dataloader")
+        if self.privacy is not None:
+            train_dataloaders = poisson_loader(train_dataloaders)
         n_train = num_examples(train_dataloaders)
         train_loader = fabric.setup_dataloaders(train_dataloaders)
         val_loader = site.setup_eval_loader(val_dataloaders)
-        site.setup(model, with_optimizer=True)
+        passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
+        if self.privacy is not None:
+            planned = self.rounds * steps_per_round(train_loader, passes, self.local_steps)
+            self._private = PrivateSite(self.privacy, train_dataloaders, planned)
+        site.setup(model, with_optimizer=True, privacy=self._private)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
@@ -209,7 +223,7 @@ class FederatedTrainer:
         self._site_names = gather_site_names(site.link, site.name) if self.federation.num_sites > 1 else [site.name]
         for lg in site.loggers:  # what the sites agreed on, and where this site sits
             lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
-                                "devices": str(self.devices), "num_nodes": site.num_nodes})
+                                "devices": str(self.devices), "num_nodes": site.num_nodes, "privacy": repr(self.privacy)})
 
         share_target_stats(site.link, model, datamodule)
         self.state = ckpt.RoundState()
@@ -218,10 +232,12 @@ class FederatedTrainer:
         self.history_before_resume = []
         if committed is not None:
             resume(self, opened.resume_round)
+            if self._private is not None:  # the budget already spent: every round trained was the same length
+                trained = sum(self.federation.site_rank in self.sampled_sites(r) for r in range(self.state.round))
+                self._private.account_past_steps(trained * steps_per_round(train_loader, passes, self.local_steps))
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
-        passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
@@ -291,7 +307,7 @@ class FederatedTrainer:
         trained = LocalTraining.skipped()
         if sampled:
             trained = train_locally(site, train_loader, datamodule, strategy, global_params, r, passes,
-                                    self.local_steps)
+                                    self.local_steps, privacy=self._private)
             self.global_step += trained.steps
         site.call("on_local_train_end", trainer=self, round=r, result=trained)
         t_train = time.perf_counter() - t0
@@ -338,12 +354,18 @@ class FederatedTrainer:
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
+        if self._private is not None:  # DP-SGD: stop before another round exceeds target_epsilon at some site
+            next_round = steps_per_round(train_loader, passes, self.local_steps)
+            self.state.stopped |= self._private.federation_budget_spent(link, next_round)
         metrics |= {
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
             "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "screened_out": float(screened_out),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
+        metrics |= strategy.round_metrics()  # e.g. site-level ε of DP-FedAvg, clipped updates
+        if self._private is not None:
+            metrics |= self._private.metrics()  # sample-level ε of DP-SGD at this site
 
         # (7) The round is one commit: its files, then the pointer (commit.py); a Lightning best.ckpt if improved.
         if site.is_leader:

@@ -1,11 +1,12 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, update norms, small control tensors, each site's dataset name, and the handshake
-and round-check bytes of the trust layer. Subject ids, predictions and images never cross; a payload is a
-numeric tensor, every kind except ``"parameters"`` is at most 16 numbers, a ``"site_name"`` at most 32
-bytes, a ``"round_mac"`` 64 and a ``"handshake"`` message 4 KiB of bytes, so a per-subject vector cannot
-slip through under another name.
+sufficient statistics, update norms, small control tensors, each site's dataset name, the handshake and
+round-check bytes of the trust layer and, under secure aggregation, each site's public key and masked
+parameters. Subject ids, predictions and images never cross; a payload is a numeric tensor, every kind
+except ``"parameters"`` and ``"masked_parameters"`` is at most 16 numbers, a ``"site_name"`` or a
+``"public_key"`` at most 32 bytes, a ``"round_mac"`` 64 and a ``"handshake"`` message 4 KiB of bytes, so a
+per-subject vector cannot slip through under another name.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ALLOWED_KINDS", "HANDSHAKE_BYTES", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "ROUND_MAC_BYTES", "SITE_NAME_BYTES",
-    "FederationPayloadError", "bytes_tensor", "check_payload", "decode_site_name", "encode_site_name",
+    "ALLOWED_KINDS", "HANDSHAKE_BYTES", "KIND_DOCS", "MAX_SMALL_ELEMENTS", "PUBLIC_KEY_BYTES", "ROUND_MAC_BYTES",
+    "SITE_NAME_BYTES", "FederationPayloadError", "bytes_tensor", "check_payload", "decode_site_name",
+    "encode_site_name",
 ]
 
 KIND_DOCS: dict[str, str] = {
@@ -32,6 +34,9 @@ KIND_DOCS: dict[str, str] = {
                  "and an HMAC of it under the federation secret.",
     "update_norm": "Update screening (float64): the L2 norm of a site's update, its weight and whether it was "
                    "finite; one scalar triple per site and round.",
+    "public_key": "The site's X25519 public key for secure aggregation: 32 uint8 bytes, once per run (never the private key).",
+    "masked_parameters": "Fixed-point parameters (or updates) plus pairwise masks, int64 residues mod 2^k: uniform noise "
+                         "on its own, only the sum over all sites means anything (secure aggregation).",
 }
 
 ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
@@ -40,6 +45,7 @@ MAX_SMALL_ELEMENTS = 16
 SITE_NAME_BYTES = 32
 HANDSHAKE_BYTES = 4096
 ROUND_MAC_BYTES = 64
+PUBLIC_KEY_BYTES = 32
 
 _NUMERIC = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -67,6 +73,15 @@ def check_payload(kind: str, tensor: object) -> None:
     if kind == "parameters":
         if not tensor.is_floating_point():
             raise FederationPayloadError(f"'parameters' payload must be floating point, got {tensor.dtype}")
+    elif kind == "masked_parameters":
+        if tensor.dtype != torch.int64:
+            raise FederationPayloadError(f"'masked_parameters' payload must be int64 residues, got {tensor.dtype}")
+    elif kind == "public_key":
+        if tensor.dtype != torch.uint8 or tensor.numel() != PUBLIC_KEY_BYTES:
+            raise FederationPayloadError(
+                f"'public_key' payload must be exactly {PUBLIC_KEY_BYTES} uint8 bytes, got {tensor.numel()} "
+                f"elements of {tensor.dtype}"
+            )
     elif kind == "site_name":
         if tensor.dtype != torch.uint8 or tensor.numel() > SITE_NAME_BYTES:
             raise FederationPayloadError(

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from neurofed.federated.dp_sgd import is_empty_batch
 from neurofed.lightning_compat import attached_trainer
 from neurofed.metrics import SplitStats
 
@@ -113,7 +114,9 @@ class RegressionModule(LightningModule):
         return batch["target"].to(device=like.device, dtype=torch.float32).reshape(-1)
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if is_empty_batch(batch):  # DP-SGD's Poisson sampling drew no scan: the step is noise only
+            return None
         image = self._image(batch)
         loss, _ = self._loss_and_pred(image, self._target(batch, image))
         if attached_trainer(self) is not None:

@@ -108,6 +108,11 @@ class Strategy(ABC):
     def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
         """The new global vector, from this site's contribution and the others' (reached through ``comm``)."""
 
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers about the last aggregation for the round's metrics (loggers, ``history.json``), e.g. a
+        privacy budget spent or a count of clipped updates; none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to checkpoint between rounds (none by default)."""
         return {}
