@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from neurofed.federated.site_link import SiteLink
 
 __all__ = ["baseline_prediction", "evaluate_federation", "evaluate_split", "evaluation_stage", "federation_table",
-           "gather_site_names", "pool_split", "split_names"]
+           "gather_site_names", "pool_split", "predict_outputs", "split_names"]
 
 
 def baseline_prediction(model: Any) -> float | None:
@@ -157,3 +157,13 @@ def evaluation_stage(
     for logger in site.loggers:
         logger.save()
     return rows
+
+
+def predict_outputs(site: Site, loader: Iterable, datamodule: Any) -> list[Any]:
+    """``predict_step`` over this site's scans (nothing crosses a site boundary)."""
+    outputs = []
+    site.wrapped.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            outputs.append(site.wrapped.predict_step(after_transfer(datamodule, batch, 0), i))
+    return outputs

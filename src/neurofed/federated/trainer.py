@@ -17,23 +17,17 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from neurofed.federated import evaluation
 from neurofed.federated import state as ckpt
 from neurofed.federated.agreement import evaluation_fingerprint, training_fingerprint
-from neurofed.federated.batches import after_transfer, datamodule_loader, num_examples
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
-from neurofed.federated.dp_sgd import DPSGD, PrivateSite, poisson_loader, steps_per_round
+from neurofed.federated.dp_sgd import DPSGD, PrivateSite, steps_per_round
 from neurofed.federated.errors import SettingsError
-from neurofed.federated.evaluation import (
-    baseline_prediction,
-    evaluate_split,
-    evaluation_stage,
-    gather_site_names,
-    pool_split,
-)
+from neurofed.federated.fit_setup import FitLoaders, account_resumed_privacy, setup_fit
 from neurofed.federated.integrity import round_digest
-from neurofed.federated.local_training import LocalTraining, passes_per_round, train_locally
+from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.params import flatten, load_vector
 from neurofed.federated.results import HISTORY_FILE, write_json
@@ -195,20 +189,7 @@ class FederatedTrainer:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
         site = self.site
         committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
-        fabric = site.launch()
-        train_dataloaders = site.stage_loaders("fit", datamodule, train_dataloaders)
-        if val_dataloaders is None and datamodule is not None:
-            val_dataloaders = datamodule_loader(datamodule, "val_dataloader")
-        if self.privacy is not None:
-            train_dataloaders = poisson_loader(train_dataloaders)
-        n_train = num_examples(train_dataloaders)
-        train_loader = fabric.setup_dataloaders(train_dataloaders)
-        val_loader = site.setup_eval_loader(val_dataloaders)
-        passes = passes_per_round(train_loader, self.local_epochs, self.local_steps)
-        if self.privacy is not None:
-            planned = self.rounds * steps_per_round(train_loader, passes, self.local_steps)
-            self._private = PrivateSite(self.privacy, train_dataloaders, planned)
-        site.setup(model, with_optimizer=True, privacy=self._private)
+        loaders = setup_fit(self, model, datamodule, train_dataloaders, val_dataloaders)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
@@ -218,9 +199,10 @@ class FederatedTrainer:
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
-        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(n_train))
+        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(loaders.n_train))
         self._declared = opened.declared
-        self._site_names = gather_site_names(site.link, site.name) if self.federation.num_sites > 1 else [site.name]
+        several = self.federation.num_sites > 1
+        self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
         for lg in site.loggers:  # what the sites agreed on, and where this site sits
             lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
                                 "devices": str(self.devices), "num_nodes": site.num_nodes, "privacy": repr(self.privacy)})
@@ -232,9 +214,7 @@ class FederatedTrainer:
         self.history_before_resume = []
         if committed is not None:
             resume(self, opened.resume_round)
-            if self._private is not None:  # the budget already spent: every round trained was the same length
-                trained = sum(self.federation.site_rank in self.sampled_sites(r) for r in range(self.state.round))
-                self._private.account_past_steps(trained * steps_per_round(train_loader, passes, self.local_steps))
+            account_resumed_privacy(self, loaders)
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
@@ -244,7 +224,7 @@ class FederatedTrainer:
                    disable=not (self.enable_progress_bar and site.is_leader))
         try:
             while self.state.round < self.rounds and not self.state.stopped:
-                metrics = self._run_round(self.state.round, keys, train_loader, val_loader, datamodule, n_train, passes)
+                metrics = self._run_round(self.state.round, keys, loaders, datamodule)
                 bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("train/site/loss", "val/pooled/loss", "val/pooled/mae")})
                 bar.update(1)
         finally:
@@ -273,25 +253,14 @@ class FederatedTrainer:
     def predict(self, model: Any, datamodule: Any = None, ckpt_path: str | None = None,
                 dataloaders: DataLoader | None = None) -> list[Any]:
         """Outputs of ``predict_step`` for this site's scans; nothing crosses a site boundary."""
-        site = self.site
-        site.launch()
-        loader = site.setup_eval_loader(site.stage_loaders("predict", datamodule, dataloaders))
-        site.setup(model, with_optimizer=False)
-        site.load_weights(ckpt_path)
-        outputs = []
-        site.wrapped.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                batch = after_transfer(datamodule, batch, 0)
-                outputs.append(site.wrapped.predict_step(batch, i))
-        self.predictions = outputs
-        return outputs
+        loaders = self._stage_model("predict", model, datamodule, ckpt_path, dataloaders)
+        self.predictions = evaluation.predict_outputs(self.site, self.site.setup_eval_loader(loaders), datamodule)
+        return self.predictions
 
     # -- One round, top to bottom ------------------------------------------------------------------------
-    def _run_round(
-        self, r: int, keys: list[str], train_loader: Any, val_loader: Any, datamodule: Any, n_train: int, passes: int,
-    ) -> dict[str, float]:
+    def _run_round(self, r: int, keys: list[str], loaders: FitLoaders, datamodule: Any) -> dict[str, float]:
         site, link, model, strategy = self.site, self.site.link, self.site.model, self.strategy
+        train_loader, val_loader, n_train, passes = loaders.train, loaders.val, loaders.n_train, loaders.passes
         link.bytes_sent = 0
         link.set_stage(f"round {r + 1}")
         site.call("on_round_start", trainer=self, round=r)
@@ -334,8 +303,9 @@ class FederatedTrainer:
 
         # (4) Every site validates the new global model; pooled metrics from the sites' summed statistics.
         t0 = time.perf_counter()
-        own = evaluate_split(site, val_loader, datamodule, "validation_step", baseline_prediction(model))
-        pooled = pool_split(link, own)
+        baseline = evaluation.baseline_prediction(model)
+        own = evaluation.evaluate_split(site, val_loader, datamodule, "validation_step", baseline)
+        pooled = evaluation.pool_split(link, own)
         site_metrics, pooled_metrics = own.compute(), pooled.compute()
         val_loss = pooled_metrics["loss"]
         t_val = time.perf_counter() - t0
@@ -407,14 +377,18 @@ class FederatedTrainer:
     ) -> dict[str, dict[str, float]]:
         if ckpt_path is None and stage == "test" and self.best_model_path and Path(self.best_model_path).is_file():
             ckpt_path = self.best_model_path
-        site = self.site
-        site.launch()
-        loaders = site.stage_loaders(stage, datamodule, dataloaders)
-        site.setup(model, with_optimizer=False)
-        site.load_weights(ckpt_path)
-        return evaluation_stage(site, stage, loaders, datamodule, baseline_prediction(model), self.run_name,
-                                step=max(self.state.round, 1),
-                                fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
+        loaders = self._stage_model(stage, model, datamodule, ckpt_path, dataloaders)
+        return evaluation.evaluation_stage(
+            self.site, stage, loaders, datamodule, evaluation.baseline_prediction(model), self.run_name,
+            step=max(self.state.round, 1), fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
+
+    def _stage_model(self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, loaders: Any) -> Any:
+        """Launch, take the stage's loader(s), wrap the model and load ``ckpt_path``; returns the loader(s)."""
+        self.site.launch()
+        loaders = self.site.stage_loaders(stage, datamodule, loaders)
+        self.site.setup(model, with_optimizer=False)
+        self.site.load_weights(ckpt_path)
+        return loaders
 
 
 #: The validation metrics logged per round, for the site alone and pooled over the federation.
