@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from threaded_sites import run_rule
+from threaded_sites import ThreadGroup, run_rule
 
 from neurofed.federated import secure_aggregation as sa
 from neurofed.federated.strategies import (
@@ -194,3 +194,23 @@ def test_ring_neighbours_are_symmetric_and_refuse_odd_counts() -> None:
     assert sa.ring_neighbours(0, 3, 4) == {1, 2}
     with pytest.raises(ValueError, match="even"):
         SecureAggregation(FedAvg(), neighbours=3)
+
+
+
+class _SwapsSite1sKeyAtSite0(ThreadGroup):
+    """A man in the middle: site 0 receives another public key in site 1's place."""
+
+    def all_gather(self, t, kind):
+        out = super().all_gather(t, kind)
+        if kind == "public_key" and self.site_rank == 0:
+            out[1] = torch.randint(0, 255, (32,), dtype=torch.uint8)
+        return out
+
+
+def test_a_substituted_public_key_is_refused_before_any_mask_is_derived():
+    from neurofed.federated.errors import FederationAuthError
+
+    params = [torch.randn(6) for _ in range(3)]
+    with pytest.raises(FederationAuthError, match="key of site\\(s\\) 1 is not authenticated"):
+        run_rule(lambda: SecureAggregation(FedAvg()), [(params, [1.0, 2.0, 3.0])], torch.zeros(6),
+                 group_class=_SwapsSite1sKeyAtSite0)

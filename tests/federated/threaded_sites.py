@@ -60,7 +60,7 @@ class ThreadGroup:
 
 
 def run_rule(make: Callable[[], Strategy], rounds: list[tuple[list[torch.Tensor], list[float]]],
-             start: torch.Tensor) -> list[list[torch.Tensor]]:
+             start: torch.Tensor, group_class: type = ThreadGroup) -> list[list[torch.Tensor]]:
     """Aggregate ``rounds`` of (params per site, example count per site) from ``start``; results per round.
 
     As in the trainer, a site's weight is ``site_weight(count)``, or 0 when its count is 0 (not sampled).
@@ -76,7 +76,7 @@ def run_rule(make: Callable[[], Strategy], rounds: list[tuple[list[torch.Tensor]
         try:
             fed = Federation(site_rank=k, num_sites=n)
             link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")), fed,
-                            group=ThreadGroup(board, k))
+                            group=group_class(board, k))
             global_vec = start.clone()
             for r, (params, weights) in enumerate(rounds):
                 context = RoundContext(round=r, seed=0, site_rank=k, num_sites=n)

@@ -8,6 +8,8 @@ site. Keeping both levels here lets the trainer say *what* is exchanged without 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +17,11 @@ import torch
 from torch import Tensor
 
 from neurofed.federated.config import Federation
-from neurofed.federated.errors import FederationError
+from neurofed.federated.errors import FederationAuthError, FederationError
 from neurofed.federated.group import FederationGroup, LocalGroup
 from neurofed.federated.handshake import HandshakeResult, handshake, round_key
 from neurofed.federated.integrity import check_round
+from neurofed.federated.wire import bytes_tensor
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -96,6 +99,27 @@ class SiteLink:
         self._key = round_key(secret)
         self.opened = result
         return result
+
+    def authenticate_keys(self, round: int, public_keys: list[bytes]) -> None:
+        """Prove this site's secure-aggregation public key under the federation secret and check every site's.
+
+        Each site sends ``HMAC(secret, session | round | site | its key)``; a key substituted on the way, or
+        sent by a seat without the secret, fails here before any mask is derived from it.
+        """
+        me = self.federation.site_rank
+        session = self.opened.session if self.opened is not None else b""
+
+        def tag(k: int) -> bytes:
+            return hmac.new(self._key, b"public-key|" + session + f"|{round}|{k}|".encode() + public_keys[k],
+                            hashlib.sha256).digest()
+
+        tags = self.all_gather(bytes_tensor(tag(me)), "handshake")
+        forged = [k for k, t in enumerate(tags) if not hmac.compare_digest(bytes(t.tolist()), tag(k))]
+        if forged:
+            raise FederationAuthError(
+                f"site {me}, round {round + 1}: the secure-aggregation key of site(s) {', '.join(map(str, forged))} "
+                "is not authenticated by the federation secret (a substituted key?); no mask was derived from it"
+            )
 
     def set_stage(self, text: str) -> None:
         """What the federation is doing (``"round 3"``), named by the error if a site leaves now."""

@@ -114,6 +114,8 @@ class SecureAggregation(StrategyWrapper):
         once the shared keys exist; nothing here is saved, logged or checkpointed."""
         keys = sa.SiteKeys()
         gathered = comm.link.all_gather(keys.public_tensor(), "public_key")
+        if hasattr(comm.link, "authenticate_keys"):  # the trust layer: each key proven under the federation secret
+            comm.link.authenticate_keys(context.round, [bytes(t.tolist()) for t in gathered])
         peers = sa.ring_neighbours(context.site_rank, context.num_sites, self.neighbours)
         self._shared = sa.key_exchange(keys, [bytes(t.tolist()) for t in gathered], context.site_rank,
                                        self.authenticate, peers)
