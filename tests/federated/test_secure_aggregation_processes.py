@@ -63,8 +63,9 @@ def test_three_site_processes_send_keys_once_then_only_masked_integers(tmp_path)
     port = free_port()
     run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=120)
     records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
-    # the wire: one public key per run (32 bytes), then per round the example count and one masked int64 vector
-    expected = [["public_key", "torch.uint8", [32]]] + [["example_count", "torch.float64", [1]],
+    # the wire: one public key per run (32 bytes) and its MAC under the federation secret (32), then per round
+    # the example count and one masked int64 vector
+    expected = [["public_key", "torch.uint8", [32]], ["handshake", "torch.uint8", [32]]] + [["example_count", "torch.float64", [1]],
                                                         ["masked_parameters", "torch.int64", [DIM]]] * ROUNDS
     for rec in records:
         assert rec["kinds"] == expected

@@ -15,6 +15,7 @@ stays loopback), and every site's gloo connections listen on that address too.
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import logging
 import socket
@@ -93,7 +94,9 @@ class FederationGroup:
         except RuntimeError as e:  # DistStoreError / DistNetworkError / gloo errors are RuntimeErrors
             self.close()
             raise self._timeout_error("could not form the federation", e) from e
-        threading.Thread(target=self._heartbeat, name="neurofed-heartbeat", daemon=True).start()
+        self._beat = threading.Thread(target=self._heartbeat, name="neurofed-heartbeat", daemon=True)
+        self._beat.start()
+        atexit.register(self.close)  # a process that stops on an error still leaves the group cleanly
 
     # -- before the group: the listening socket, the seat, the size -----------------------------------
     def _listen(self) -> int:
@@ -228,6 +231,9 @@ class FederationGroup:
     def close(self) -> None:
         """Release the group; safe to call twice."""
         self._stop.set()
+        beat = getattr(self, "_beat", None)
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(timeout=5)  # a heartbeat inside the store client at interpreter exit would abort the process
         pg, self._pg = getattr(self, "_pg", None), None
         if pg is not None:
             try:

@@ -89,6 +89,7 @@ class SiteLink:
                 result = handshake(self.connect(), secret, fingerprint, committed, declared_examples)
             except FederationError as e:
                 failure = e
+                self.close()  # nothing more will be exchanged; release the group and its heartbeat now
         elif self.is_site_leader:
             self.connect()
         self._site_verdict(failure)
