@@ -1,0 +1,151 @@
+"""Where FedAvg breaks: brain-age test MAE against the scale of the scanner differences between sites.
+
+For each ``--site-effect`` scale (default 0, 0.5, 1, 2: 0 = every site the same scanner, 1 = the published
+between-scanner differences of ``docs/synthetic_data.md``, 2 = twice them) the three healthy sites are generated
+again (same subjects, same seed; only the scanners change) and four models are trained with the replication's
+CPU settings (``benchmarks/replication.py``):
+
+- centralized (one site holding the three roots);
+- FedAvg with the BatchNorm SFCN;
+- FedBN (BatchNorm layers stay local: each site keeps its own normalisation statistics and affine parameters);
+- FedAvg with a GroupNorm SFCN (``--model.init_args.norm group``: no batch statistics to disagree about).
+
+Each point is the pooled test MAE (all sites, all seeds); error bars are the 95 % paired cluster bootstrap
+interval over test subjects (``neurofed.stats``). Outputs: ``sweep.tsv`` under ``--out`` and the plot (and a copy
+of the table) under ``--plot-dir`` (default ``docs/results/``).
+
+    python benchmarks/site_effect_sweep.py --out results/site_effect_sweep
+    python benchmarks/site_effect_sweep.py --out results/site_effect_sweep --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import replication as rep  # noqa: E402
+
+METHODS = {  # name -> (strategy or None for centralized, norm)
+    "centralized": (None, "batch"),
+    "FedAvg": ("fedavg", "batch"),
+    "FedBN": ("fedbn", "batch"),
+    "FedAvg + GroupNorm": ("fedavg", "group"),
+}
+
+
+def run_name(method: str, seed: int) -> str:
+    return {"centralized": "central", "FedAvg": "fedavg", "FedBN": "fedbn",
+            "FedAvg + GroupNorm": "fedavg_gn"}[method] + f"_s{seed}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=rep.REPO / "results" / "site_effect_sweep")
+    parser.add_argument("--plot-dir", type=Path, default=rep.REPO / "docs" / "results")
+    parser.add_argument("--effects", default="0,0.5,1,2", help="comma-separated --site-effect scales")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--scale", type=float, default=None, help="fraction of the study's healthy subject counts")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
+    args = parser.parse_args()
+    args.full, args.ms_fraction = False, None
+    args = rep.apply_defaults(args)
+    effects = [float(e) for e in args.effects.split(",") if e.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    subjects = round(args.scale * rep.HEALTHY_STUDY / 3)
+    timings: dict[str, float] = {}
+    rows = []
+    for effect in effects:
+        sub = copy.copy(args)
+        sub.out = args.out / f"effect-{effect:g}"
+        roots = [str(sub.out / "sites" / s) for s in rep.HEALTHY]
+        logs = sub.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        if not args.report_only:
+            for folder in ("sites", "runs", "cache"):
+                shutil.rmtree(sub.out / folder, ignore_errors=True)
+            timings[f"{effect:g}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, subjects, args.seed,
+                                                      logs / "synth.log", site_effect=effect)
+            for seed in seeds:
+                for method in methods:
+                    strategy, norm = METHODS[method]
+                    base = ["--config", str(rep.REPO / "configs" / "brain_age_cpu.yaml"), *rep.size_args(sub, seed),
+                            *rep.brain_age_model_args(sub, norm), "--trainer.run_name", run_name(method, seed)]
+                    if strategy is None:
+                        cmd = rep.neurofed("fit", *base, "--data.root", json.dumps(roots))
+                    else:
+                        cmd = rep.neurofed("simulate", "--roots", ",".join(roots), "fit", *base,
+                                           "--trainer.strategy.class_path", rep.STRATEGIES[strategy])
+                    timings[f"{effect:g}: {method} seed {seed}"] = rep.run(cmd, logs / f"{run_name(method, seed)}.log")
+            (sub.out / "timings.json").write_text(json.dumps(timings, indent=1))
+        try:
+            data = rep.collect("brain age", {m: {s: run_name(m, s) for s in seeds} for m in methods}, roots, "age")
+        except (FileNotFoundError, ValueError) as err:
+            print(f"site effect {effect:g}: skipped ({err})")
+            continue
+        summary = rep.summarize(data, [(m, "centralized") for m in methods if m != "centralized"
+                                       and "centralized" in methods], args.n_boot)
+        for model, m in summary["models"].items():
+            diff = next((ci for a, _, ci in summary["diffs"] if a == model), None)
+            rows.append({"site_effect": effect, "model": model, "n": summary["n_scans"],
+                         "mae": m["pooled"].estimate, "low": m["pooled"].low, "high": m["pooled"].high,
+                         "mae_seed_sd": m["mae_sd"], "r": m["r"],
+                         "delta_vs_centralized": diff.format() if diff else "",
+                         "delta_excludes_zero": diff.excludes_zero if diff else ""})
+    if not rows:
+        sys.exit("no finished site-effect scale to report")
+    fields = list(rows[0])
+    lines = ["\t".join(fields)] + ["\t".join(f"{r[f]:.3f}" if isinstance(r[f], float) else str(r[f])
+                                             for f in fields) for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.tsv").write_text("\n".join(lines) + "\n")
+    args.plot_dir.mkdir(parents=True, exist_ok=True)
+    (args.plot_dir / "site_effect_sweep.tsv").write_text("\n".join(lines) + "\n")
+    plot(rows, args.plot_dir / "site_effect_sweep.png", len(seeds))
+    for line in lines:
+        print(line)
+    print(f"\nwrote {args.out / 'sweep.tsv'} and {args.plot_dir / 'site_effect_sweep.png'}")
+    if timings:
+        print(json.dumps({k: round(v / 60, 1) for k, v in timings.items()}, indent=1))
+
+
+def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
+    from neurofed.plots import COLUMN_WIDTH, _STYLE, _pyplot, _save
+
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.2, 0.75 * COLUMN_WIDTH * 1.2))
+        for k, model in enumerate(models):
+            pts = sorted((r for r in rows if r["model"] == model), key=lambda r: r["site_effect"])
+            x = np.asarray([r["site_effect"] for r in pts]) + (k - (len(models) - 1) / 2) * 0.03
+            y = np.asarray([r["mae"] for r in pts])
+            err = np.asarray([[r["mae"] - r["low"] for r in pts], [r["high"] - r["mae"] for r in pts]])
+            style = dict(ls=":", color="0.5") if model == rep.MEAN else dict(marker="o", ms=3)
+            ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
+        ax.set_xlabel("site-effect scale (0: one scanner, 1: published differences)")
+        ax.set_ylabel("pooled test MAE (years)")
+        ax.set_title(f"Brain age under scanner shift ({n_seeds} seed{'s' if n_seeds > 1 else ''}; 95 % bootstrap CI)")
+        ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+if __name__ == "__main__":
+    main()
