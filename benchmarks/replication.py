@@ -45,6 +45,7 @@ import argparse
 import csv
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -56,8 +57,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neurofed.predictions import DERIVATIVE_DIR, RUNS_DIR, run_folder  # noqa: E402
-from neurofed.stats import BootstrapWeights  # noqa: E402
+from neurofed.predictions import DERIVATIVE_DIR, RUNS_DIR, run_folder
+from neurofed.stats import BootstrapWeights
 
 HEALTHY = ["ixi", "sald", "camcan"]
 MS = ["brussels", "greifswald", "prague"]
@@ -81,34 +82,46 @@ def neurofed(*args: str) -> list[str]:
     return [sys.executable, "-m", "neurofed", *args]
 
 
+#: CPU seconds (user + system) of every finished step's processes, by log name: on a shared machine the wall
+#: time says little, while CPU seconds / cores bounds what an idle machine would take.
+CPU_SECONDS: dict[str, float] = {}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(cmd: list[str], log_path: Path) -> float:
     """Run one step, streaming its output to a log; stop the study with the log's tail if it fails."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = "".join(open(log_path).readlines()[-30:])
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         sys.exit(f"step failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    print(f"  done in {seconds / 60:.1f} min (log: {log_path})", flush=True)
+    CPU_SECONDS[log_path.stem] = _children_cpu() - cpu
+    print(f"  done in {seconds / 60:.1f} min, {CPU_SECONDS[log_path.stem] / 60:.1f} CPU min (log: {log_path})",
+          flush=True)
     return seconds
 
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """CPU default vs the study's size on a GPU, for every option left unset."""
     if args.full:
-        defaults = dict(scale=1.0, ms_fraction=1.0, resolution=1.0, spacing=1.0, shape=[160, 192, 160],
-                        channels=[32, 64, 128, 256, 256, 64], dropout=0.5, loss="kl", lr=1e-3, batch_size=8,
-                        num_workers=8, precision="bf16-mixed", accelerator="cuda", channels_last=True, compile=True,
-                        resident=True, rounds=40, patience=8)
+        defaults = {"scale": 1.0, "ms_fraction": 1.0, "resolution": 1.0, "spacing": 1.0, "shape": [160, 192, 160],
+                        "channels": [32, 64, 128, 256, 256, 64], "dropout": 0.5, "loss": "kl", "lr": 1e-3, "batch_size": 8,
+                        "num_workers": 8, "precision": "bf16-mixed", "accelerator": "cuda", "channels_last": True, "compile": True,
+                        "resident": True, "rounds": 40, "patience": 8}
     else:
         # 4 mm input and four pooling blocks: the last feature map stays 3x3x3 (with five blocks it would
         # be 1x1x1 and BatchNorm would normalise across the subjects of a batch).
-        defaults = dict(scale=0.18, ms_fraction=1 / 3, resolution=2.0, spacing=4.0, shape=[48, 56, 48],
-                        channels=[8, 16, 32, 64, 16], dropout=0.2, loss="l1", lr=1e-3, batch_size=8, num_workers=0,
-                        precision="32-true", accelerator="cpu", channels_last=False, compile=False, resident=False,
-                        rounds=25, patience=8)
+        defaults = {"scale": 0.18, "ms_fraction": 1 / 3, "resolution": 2.0, "spacing": 4.0, "shape": [48, 56, 48],
+                        "channels": [8, 16, 32, 64, 16], "dropout": 0.2, "loss": "l1", "lr": 1e-3, "batch_size": 8, "num_workers": 0,
+                        "precision": "32-true", "accelerator": "cpu", "channels_last": False, "compile": False, "resident": False,
+                        "rounds": 25, "patience": 8}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -247,8 +260,8 @@ def summarize(data: dict, comparisons: list[tuple[str, str]], n_boot: int) -> di
 def summary_markdown(title: str, summary: dict, reference: str | None = None) -> list[str]:
     seeds = len(next(iter(summary["models"].values()))["mae_seeds"])
     md = [f"### {title}", "",
-          f"{summary['n_scans']} test scans pooled over {seeds} seed(s) and the sites (per seed: "
-          f"{', '.join(map(str, summary['n_per_seed']))}; {summary['n_unique_subjects']} distinct subjects).", "",
+          (f"{summary['n_scans']} test scans pooled over {seeds} seed(s) and the sites (per seed: "
+          f"{', '.join(map(str, summary['n_per_seed']))}; {summary['n_unique_subjects']} distinct subjects)."), "",
           "| model | MAE per seed, mean ± SD | MAE, all seeds pooled [95 % CI] | r |", "|---|---|---|---|"]
     for model, m in summary["models"].items():
         sd = "" if math.isnan(m["mae_sd"]) else f" ± {m['mae_sd']:.2f}"
@@ -348,6 +361,7 @@ def main() -> None:
                              "--trainer.run_name", f"sdmt_{transfer}_s{seed}"), logs / f"sdmt_{transfer}_s{seed}.log")
             timings_path.write_text(json.dumps(timings, indent=1))
         timings["total (this invocation)"] = time.perf_counter() - start
+        timings["CPU time of all steps (user + system)"] = sum(CPU_SECONDS.values())
         timings_path.write_text(json.dumps(timings, indent=1))
 
     # Seeds whose runs all finished (a report of an interrupted study uses the complete seeds).
@@ -366,11 +380,11 @@ def main() -> None:
     summaries = {"brain age": brain_summary, "sdmt": sdmt_summary}
     write_tables(args.out, summaries)
 
-    md = [f"## Replication (seeds {', '.join(map(str, done))}; site effect {args.site_effect}; "
-          f"{'--full' if args.full else 'CPU default'})", "",
-          "Intervals: paired, stratified (seed × site) cluster bootstrap over test subjects, "
+    md = [(f"## Replication (seeds {', '.join(map(str, done))}; site effect {args.site_effect}; "
+          f"{'--full' if args.full else 'CPU default'})"), "",
+          ("Intervals: paired, stratified (seed × site) cluster bootstrap over test subjects, "
           f"{args.n_boot} replicates, MAE over all seeds' test scans pooled. Predict-the-mean: each seed's "
-          "pooled training-label mean.", ""]
+          "pooled training-label mean."), ""]
     md += summary_markdown("Brain age (years)", brain_summary,
                            "Reference study: federated 6.08 vs centralized 7.02.")
     md += summary_markdown(f"SDMT, transfer from the federated {strategies[0]} brain-age model (points)",

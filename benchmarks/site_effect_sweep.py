@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import replication as rep  # noqa: E402
+import replication as rep
 
 METHODS = {  # name -> (strategy or None for centralized, norm)
     "centralized": (None, "batch"),
@@ -43,9 +41,18 @@ METHODS = {  # name -> (strategy or None for centralized, norm)
 }
 
 
-def run_name(method: str, seed: int) -> str:
-    return {"centralized": "central", "FedAvg": "fedavg", "FedBN": "fedbn",
-            "FedAvg + GroupNorm": "fedavg_gn"}[method] + f"_s{seed}"
+def run_name(method: str, seed: int, replication: bool = False) -> str:
+    """The run's name; ``replication``: the name ``benchmarks/replication.py`` gives the same run."""
+    names = {"centralized": "central", "FedAvg": "fedavg", "FedBN": "fedbn", "FedAvg + GroupNorm": "fedavg_gn"}
+    if replication and method in ("FedAvg", "FedBN"):
+        return f"federated_{names[method]}_s{seed}"
+    return f"{names[method]}_s{seed}"
+
+
+def finished(roots: list[str], name: str) -> bool:
+    """Whether run ``name`` wrote its predictions at every site."""
+    return all((Path(r) / rep.DERIVATIVE_DIR / rep.RUNS_DIR / rep.run_folder(name) / "desc-age_predictions.tsv")
+               .is_file() for r in roots)
 
 
 def main() -> None:
@@ -59,6 +66,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--replication", type=Path, default=None,
+                        help="a replication.py --out folder made with the same --seed and --scale (site effect 1): "
+                             "at scale 1 its sites and its centralized, FedAvg and FedBN runs are used instead of "
+                             "new ones, and only the missing methods are trained there")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     args.full, args.ms_fraction = False, None
@@ -74,29 +85,34 @@ def main() -> None:
     rows = []
     for effect in effects:
         sub = copy.copy(args)
-        sub.out = args.out / f"effect-{effect:g}"
+        reuse = args.replication is not None and effect == 1.0
+        sub.out = args.replication.resolve() if reuse else args.out / f"effect-{effect:g}"
         roots = [str(sub.out / "sites" / s) for s in rep.HEALTHY]
         logs = sub.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        names = {m: {s: run_name(m, s, replication=reuse) for s in seeds} for m in methods}
         if not args.report_only:
-            for folder in ("sites", "runs", "cache"):
-                shutil.rmtree(sub.out / folder, ignore_errors=True)
-            timings[f"{effect:g}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, subjects, args.seed,
-                                                      logs / "synth.log", site_effect=effect)
+            if not reuse:
+                for folder in ("sites", "runs", "cache"):
+                    shutil.rmtree(sub.out / folder, ignore_errors=True)
+                timings[f"{effect:g}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, subjects, args.seed,
+                                                          logs / "synth.log", site_effect=effect)
             for seed in seeds:
                 for method in methods:
+                    if reuse and method != "FedAvg + GroupNorm":
+                        continue  # the replication's own run (it may still be running)
                     strategy, norm = METHODS[method]
                     base = ["--config", str(rep.REPO / "configs" / "brain_age_cpu.yaml"), *rep.size_args(sub, seed),
-                            *rep.brain_age_model_args(sub, norm), "--trainer.run_name", run_name(method, seed)]
+                            *rep.brain_age_model_args(sub, norm), "--trainer.run_name", names[method][seed]]
                     if strategy is None:
                         cmd = rep.neurofed("fit", *base, "--data.root", json.dumps(roots))
                     else:
                         cmd = rep.neurofed("simulate", "--roots", ",".join(roots), "fit", *base,
                                            "--trainer.strategy.class_path", rep.STRATEGIES[strategy])
-                    timings[f"{effect:g}: {method} seed {seed}"] = rep.run(cmd, logs / f"{run_name(method, seed)}.log")
-            (sub.out / "timings.json").write_text(json.dumps(timings, indent=1))
+                    timings[f"{effect:g}: {method} seed {seed}"] = rep.run(cmd, logs / f"{names[method][seed]}.log")
+            (sub.out / "sweep_timings.json").write_text(json.dumps(timings, indent=1))
         try:
-            data = rep.collect("brain age", {m: {s: run_name(m, s) for s in seeds} for m in methods}, roots, "age")
+            data = rep.collect("brain age", names, roots, "age")
         except (FileNotFoundError, ValueError) as err:
             print(f"site effect {effect:g}: skipped ({err})")
             continue
@@ -127,7 +143,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
-    from neurofed.plots import COLUMN_WIDTH, _STYLE, _pyplot, _save
+    from neurofed.plots import _STYLE, COLUMN_WIDTH, _pyplot, _save
 
     plt = _pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -138,7 +154,7 @@ def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
             x = np.asarray([r["site_effect"] for r in pts]) + (k - (len(models) - 1) / 2) * 0.03
             y = np.asarray([r["mae"] for r in pts])
             err = np.asarray([[r["mae"] - r["low"] for r in pts], [r["high"] - r["mae"] for r in pts]])
-            style = dict(ls=":", color="0.5") if model == rep.MEAN else dict(marker="o", ms=3)
+            style = {"ls": ":", "color": "0.5"} if model == rep.MEAN else {"marker": "o", "ms": 3}
             ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
         ax.set_xlabel("site-effect scale (0: one scanner, 1: published differences)")
         ax.set_ylabel("pooled test MAE (years)")
