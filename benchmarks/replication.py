@@ -364,31 +364,45 @@ def main() -> None:
         timings["CPU time of all steps (user + system)"] = sum(CPU_SECONDS.values())
         timings_path.write_text(json.dumps(timings, indent=1))
 
-    # Seeds whose runs all finished (a report of an interrupted study uses the complete seeds).
-    done = [seed for seed in seeds if all(
-        (Path(r) / DERIVATIVE_DIR / RUNS_DIR / run_folder(f"sdmt_shallow_s{seed}") / "desc-sdmt_predictions.tsv").is_file()
-        for r in ms_roots)]
+    # An interrupted study is reported from what finished: the seeds of which the centralized run finished,
+    # and the models that finished on every one of those seeds (the table says which are missing).
+    def finished(roots: list[str], name: str, label: str) -> bool:
+        return all((Path(r) / DERIVATIVE_DIR / RUNS_DIR / run_folder(name) / f"desc-{label}_predictions.tsv").is_file()
+                   for r in roots)
+
+    done = [seed for seed in seeds if finished(healthy_roots, f"central_s{seed}", "age")]
     if not done:
-        sys.exit("no seed has finished all its runs yet")
-    brain = collect("brain age", {m: {s: f"{n}_s{s}" for s in done} for m, n in names.items()}, healthy_roots, "age")
-    fed = [f"federated {s}" for s in strategies]
-    brain_summary = summarize(brain, [(f, "centralized") for f in fed] + [(m, MEAN) for m in ["centralized", *fed]],
-                              args.n_boot)
-    sdmt = collect("sdmt", {"deep": {s: f"sdmt_deep_s{s}" for s in done},
-                            "shallow": {s: f"sdmt_shallow_s{s}" for s in done}}, ms_roots, "sdmt")
-    sdmt_summary = summarize(sdmt, [("deep", "shallow"), ("deep", MEAN), ("shallow", MEAN)], args.n_boot)
-    summaries = {"brain age": brain_summary, "sdmt": sdmt_summary}
+        sys.exit("no seed has finished its centralized run yet")
+    models = {m: n for m, n in names.items() if all(finished(healthy_roots, f"{n}_s{s}", "age") for s in done)}
+    missing = [m for m in names if m not in models]
+    brain = collect("brain age", {m: {s: f"{n}_s{s}" for s in done} for m, n in models.items()}, healthy_roots, "age")
+    fed = [m for m in models if m != "centralized"]
+    summaries = {"brain age": summarize(
+        brain, [(f, "centralized") for f in fed] + [(m, MEAN) for m in models], args.n_boot)}
+    sdmt_done = [s for s in done if all(finished(ms_roots, f"sdmt_{t}_s{s}", "sdmt") for t in ("deep", "shallow"))]
+    if sdmt_done:
+        sdmt = collect("sdmt", {t: {s: f"sdmt_{t}_s{s}" for s in sdmt_done} for t in ("deep", "shallow")},
+                       ms_roots, "sdmt")
+        summaries["sdmt"] = summarize(sdmt, [("deep", "shallow"), ("deep", MEAN), ("shallow", MEAN)], args.n_boot)
+    else:
+        missing.append("sdmt deep and shallow")
     write_tables(args.out, summaries)
 
-    md = [(f"## Replication (seeds {', '.join(map(str, done))}; site effect {args.site_effect}; "
-          f"{'--full' if args.full else 'CPU default'})"), "",
+    md = [(f"## Replication (seeds {', '.join(map(str, done))} of {', '.join(map(str, seeds))}; site effect "
+           f"{args.site_effect}; {'--full' if args.full else 'CPU default'})"), "",
           ("Intervals: paired, stratified (seed × site) cluster bootstrap over test subjects, "
-          f"{args.n_boot} replicates, MAE over all seeds' test scans pooled. Predict-the-mean: each seed's "
-          "pooled training-label mean."), ""]
-    md += summary_markdown("Brain age (years)", brain_summary,
+           f"{args.n_boot} replicates, MAE over all seeds' test scans pooled. Predict-the-mean: each seed's "
+           "pooled training-label mean."), ""]
+    if missing or len(done) < len(seeds):
+        md += [f"**Incomplete study:** not finished on every reported seed: {', '.join(missing) or 'none'}; "
+               f"seeds not reported: {', '.join(str(s) for s in seeds if s not in done) or 'none'}"
+               + (f"; SDMT from seeds {', '.join(map(str, sdmt_done))} only" if sdmt_done and sdmt_done != done
+                  else "") + ".", ""]
+    md += summary_markdown("Brain age (years)", summaries["brain age"],
                            "Reference study: federated 6.08 vs centralized 7.02.")
-    md += summary_markdown(f"SDMT, transfer from the federated {strategies[0]} brain-age model (points)",
-                           sdmt_summary, "Reference study: deep 9.19 vs shallow 11.05.")
+    if "sdmt" in summaries:
+        md += summary_markdown(f"SDMT, transfer from the federated {strategies[0]} brain-age model (points)",
+                               summaries["sdmt"], "Reference study: deep 9.19 vs shallow 11.05.")
     md += ["### Per site (MAE pooled over seeds; predict-the-mean in brackets)", "",
            "| task | model | " + " | ".join(HEALTHY) + " | " + " | ".join(MS) + " |",
            "|---|---|" + "---|" * 6]

@@ -111,13 +111,16 @@ def main() -> None:
                                            "--trainer.strategy.class_path", rep.STRATEGIES[strategy])
                     timings[f"{effect:g}: {method} seed {seed}"] = rep.run(cmd, logs / f"{names[method][seed]}.log")
             (sub.out / "sweep_timings.json").write_text(json.dumps(timings, indent=1))
-        try:
-            data = rep.collect("brain age", names, roots, "age")
-        except (FileNotFoundError, ValueError) as err:
-            print(f"site effect {effect:g}: skipped ({err})")
+        # Report the methods that finished on every seed (an interrupted sweep still plots what it has).
+        ready = {m: runs for m, runs in names.items() if all(finished(roots, n) for n in runs.values())}
+        if not ready:
+            print(f"site effect {effect:g}: no finished run yet")
             continue
-        summary = rep.summarize(data, [(m, "centralized") for m in methods if m != "centralized"
-                                       and "centralized" in methods], args.n_boot)
+        if len(ready) < len(names):
+            print(f"site effect {effect:g}: not finished: {', '.join(m for m in names if m not in ready)}")
+        data = rep.collect("brain age", ready, roots, "age")
+        summary = rep.summarize(data, [(m, "centralized") for m in ready if m != "centralized"
+                                       and "centralized" in ready], args.n_boot)
         for model, m in summary["models"].items():
             diff = next((ci for a, _, ci in summary["diffs"] if a == model), None)
             rows.append({"site_effect": effect, "model": model, "n": summary["n_scans"],
