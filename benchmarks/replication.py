@@ -29,10 +29,12 @@ Outputs under ``--out``: ``results.tsv`` (one row per task, model, seed and site
 r, predict-the-mean MAE), ``comparisons.tsv`` and ``table.md`` (MAE mean ± SD over seeds, pooled MAE with its
 interval, every difference with its interval), the validation loss per round and timings.
 
-The CPU default (``--scale 0.18``, 3 seeds: 312 healthy subjects, 47 test subjects per seed, 141 over the three
-seeds; MS cohorts a third of the study's, 198 patients, 29 test patients per seed, 87 over the seeds; 4 mm input,
-a quarter-width SFCN with four pooling blocks) is sized to finish in about 30 minutes on an idle 2-core
-machine. ``--full`` runs the study's sizes at 1 mm, 160x192x160, full width and bf16 on a GPU.
+The CPU default (``--scale 0.18``, 3 seeds): 313 healthy subjects (IXI 106, SALD 89, Cam-CAN 118), 47 test
+subjects per seed, 141 pooled over the three seeds (121 distinct); MS cohorts a third of the study's, 199 patients
+(Brussels 6, Greifswald 46, Prague 147), 30 test patients per seed, 90 pooled over the seeds (78 distinct); 4 mm
+input, a quarter-width SFCN with four pooling blocks, up to 25 rounds (SDMT 15). Counts "over seeds" count a
+subject once per seed in whose test split it falls. ``--full`` runs the study's sizes (both cohorts) at 1 mm,
+160x192x160, full width and bf16 on a GPU.
 
     python benchmarks/replication.py --out results/replication
     python benchmarks/replication.py --full --out results/replication_full
