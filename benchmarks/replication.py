@@ -87,6 +87,8 @@ def neurofed(*args: str) -> list[str]:
 #: CPU seconds (user + system) of every finished step's processes, by log name: on a shared machine the wall
 #: time says little, while CPU seconds / cores bounds what an idle machine would take.
 CPU_SECONDS: dict[str, float] = {}
+#: ``--dry-run``: print each step's command instead of running it.
+DRY_RUN = False
 
 
 def _children_cpu() -> float:
@@ -98,6 +100,8 @@ def run(cmd: list[str], log_path: Path) -> float:
     """Run one step, streaming its output to a log; stop the study with the log's tail if it fails."""
     start, cpu = time.perf_counter(), _children_cpu()
     print(f"$ {' '.join(cmd[2:])}", flush=True)
+    if DRY_RUN:
+        return 0.0
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=False)
     seconds = time.perf_counter() - start
@@ -315,7 +319,10 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
     parser.add_argument("--skip-synth", action="store_true", help="reuse the sites already under --out")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables of finished runs")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps' commands, run nothing")
     args = apply_defaults(parser.parse_args())
+    global DRY_RUN
+    DRY_RUN = args.dry_run
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -332,9 +339,10 @@ def main() -> None:
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     start = time.perf_counter()
     if not (args.skip_synth or args.report_only):
-        for folder in ("sites", "sites_ms", "runs", "cache"):
-            shutil.rmtree(args.out / folder, ignore_errors=True)
         timings = {}
+        if not args.dry_run:
+            for folder in ("sites", "sites_ms", "runs", "cache"):
+                shutil.rmtree(args.out / folder, ignore_errors=True)
         timings["synth healthy"] = synth(args, "sites", HEALTHY, healthy_mean, args.seed, logs / "synth_healthy.log",
                                          site_effect=args.site_effect)
         timings["synth ms"] = synth(args, "sites_ms", MS, ms_mean, args.seed + 1, logs / "synth_ms.log", cohort="ms",
@@ -362,6 +370,8 @@ def main() -> None:
                              "--model.init_args.channels_last", str(args.channels_last).lower(),
                              "--trainer.run_name", f"sdmt_{transfer}_s{seed}"), logs / f"sdmt_{transfer}_s{seed}.log")
             timings_path.write_text(json.dumps(timings, indent=1))
+        if args.dry_run:
+            return
         timings["total (this invocation)"] = time.perf_counter() - start
         timings["CPU time of all steps (user + system)"] = sum(CPU_SECONDS.values())
         timings_path.write_text(json.dumps(timings, indent=1))
