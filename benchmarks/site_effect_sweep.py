@@ -3,7 +3,9 @@
 For each ``--site-effect`` scale (default 0, 0.5, 1, 2: 0 = every site the same scanner, 1 = the published
 between-scanner differences of ``docs/synthetic_data.md``, 2 = twice them) the three healthy sites are generated
 again (same subjects, same seed; only the scanners change) and four models are trained with the replication's
-CPU settings (``benchmarks/replication.py``):
+CPU settings (``benchmarks/replication.py``: 4 mm input, quarter-width SFCN, L1, up to 25 rounds, patience 8)
+on cohorts of the demo's size (``--subjects 40`` per site on average: IXI 41, SALD 34, Cam-CAN 45), so that a
+user can rerun it for their own question in about 20 minutes on an idle 2-core machine:
 
 - centralized (one site holding the three roots);
 - FedAvg with the BatchNorm SFCN;
@@ -61,17 +63,21 @@ def main() -> None:
     parser.add_argument("--plot-dir", type=Path, default=rep.REPO / "docs" / "results")
     parser.add_argument("--effects", default="0,0.5,1,2", help="comma-separated --site-effect scales")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--scale", type=float, default=None, help="fraction of the study's healthy subject counts")
+    parser.add_argument("--subjects", type=int, default=40,
+                        help="mean subjects per site (reference proportions); default 40, the demo's size")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--replication", type=Path, default=None,
-                        help="a replication.py --out folder made with the same --seed and --scale (site effect 1): "
+                        help="a replication.py --out folder whose healthy sites have this --subjects and --seed (site effect 1): "
                              "at scale 1 its sites and its centralized, FedAvg and FedBN runs are used instead of "
                              "new ones, and only the missing methods are trained there")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep sites already generated for a scale and skip runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
+    args.scale = None
     args.full, args.ms_fraction = False, None
     args = rep.apply_defaults(args)
     effects = [float(e) for e in args.effects.split(",") if e.strip()]
@@ -80,7 +86,7 @@ def main() -> None:
         if m not in METHODS:
             sys.exit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     seeds = list(range(args.seed, args.seed + args.seeds))
-    subjects = round(args.scale * rep.HEALTHY_STUDY / 3)
+    subjects = args.subjects
     timings: dict[str, float] = {}
     rows = []
     for effect in effects:
@@ -92,7 +98,8 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         names = {m: {s: run_name(m, s, replication=reuse) for s in seeds} for m in methods}
         if not args.report_only:
-            if not reuse:
+            have_sites = all((Path(r) / "participants.tsv").is_file() for r in roots)
+            if not reuse and not (args.resume and have_sites):
                 for folder in ("sites", "runs", "cache"):
                     shutil.rmtree(sub.out / folder, ignore_errors=True)
                 timings[f"{effect:g}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, subjects, args.seed,
@@ -101,6 +108,8 @@ def main() -> None:
                 for method in methods:
                     if reuse and method != "FedAvg + GroupNorm":
                         continue  # the replication's own run (it may still be running)
+                    if args.resume and finished(roots, names[method][seed]):
+                        continue
                     strategy, norm = METHODS[method]
                     base = ["--config", str(rep.REPO / "configs" / "brain_age_cpu.yaml"), *rep.size_args(sub, seed),
                             *rep.brain_age_model_args(sub, norm), "--trainer.run_name", names[method][seed]]
