@@ -77,7 +77,7 @@ def main() -> None:
                         help="keep sites already generated for a scale and skip runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
-    args.scale = None
+    args.scale, args.split = None, None
     args.full, args.ms_fraction = False, None
     args = rep.apply_defaults(args)
     effects = [float(e) for e in args.effects.split(",") if e.strip()]
