@@ -29,12 +29,14 @@ Outputs under ``--out``: ``results.tsv`` (one row per task, model, seed and site
 r, predict-the-mean MAE), ``comparisons.tsv`` and ``table.md`` (MAE mean ± SD over seeds, pooled MAE with its
 interval, every difference with its interval), the validation loss per round and timings.
 
-The CPU default (``--scale 0.18``, 3 seeds): 313 healthy subjects (IXI 106, SALD 89, Cam-CAN 118), 47 test
-subjects per seed, 141 pooled over the three seeds (121 distinct); MS cohorts a third of the study's, 199 patients
-(Brussels 6, Greifswald 46, Prague 147), 30 test patients per seed, 90 pooled over the seeds (78 distinct); 4 mm
-input, a quarter-width SFCN with four pooling blocks, up to 25 rounds (SDMT 15). Counts "over seeds" count a
-subject once per seed in whose test split it falls. ``--full`` runs the study's sizes (both cohorts) at 1 mm,
-160x192x160, full width and bf16 on a GPU.
+The CPU default (``--scale 0.12``, 3 seeds, a 55/15/30 % train/validation/test split of each site's subjects):
+207 healthy subjects (IXI 70, SALD 59, Cam-CAN 78), 62 test subjects per seed, 186 pooled over the three seeds (138
+distinct); MS cohorts a third of the study's, 134 patients (Brussels 6, Greifswald 30, Prague 98), 40 test patients
+per seed, 120 pooled over the seeds (88 distinct); 4 mm input, a quarter-width SFCN with four pooling blocks, up
+to 25 rounds (SDMT 15). Counts "over seeds" count a subject once per seed in whose test split it falls. A 30 % test
+split gives as many test subjects as 15 % of a cohort twice the size, at half the training cost: that is what fits
+three seeds into about half an hour on an idle 2-core machine (estimate in the README). ``--full`` runs the
+study's sizes (both cohorts) at 1 mm, 160x192x160, full width and bf16 on a GPU, with a 70/15/15 % split.
 
     python benchmarks/replication.py --out results/replication
     python benchmarks/replication.py --full --out results/replication_full
