@@ -51,6 +51,17 @@ def run_name(method: str, seed: int, replication: bool = False) -> str:
     return f"{names[method]}_s{seed}"
 
 
+def rounds_run(runs_dir: Path, runs: dict[int, str]) -> str:
+    """``rounds/best round`` of each seed's run (early stopping shows as rounds below the maximum)."""
+    out = []
+    for name in runs.values():
+        path = runs_dir / name / "history.json"
+        if path.is_file():
+            losses = [row["val/pooled/loss"] for row in json.loads(path.read_text())]
+            out.append(f"{len(losses)}/{int(np.argmin(losses)) + 1}")
+    return ",".join(out)
+
+
 def finished(roots: list[str], name: str) -> bool:
     """Whether run ``name`` wrote its predictions at every site."""
     return all((Path(r) / rep.DERIVATIVE_DIR / rep.RUNS_DIR / rep.run_folder(name) / "desc-age_predictions.tsv")
@@ -133,6 +144,7 @@ def main() -> None:
         for model, m in summary["models"].items():
             diff = next((ci for a, _, ci in summary["diffs"] if a == model), None)
             rows.append({"site_effect": effect, "model": model, "n": summary["n_scans"],
+                         "rounds_best": rounds_run(sub.out / "runs", ready.get(model, {})),
                          "mae": m["pooled"].estimate, "low": m["pooled"].low, "high": m["pooled"].high,
                          "mae_seed_sd": m["mae_sd"], "r": m["r"],
                          "delta_vs_centralized": diff.format() if diff else "",
