@@ -158,7 +158,7 @@ def main() -> None:
     (args.out / "sweep.tsv").write_text("\n".join(lines) + "\n")
     args.plot_dir.mkdir(parents=True, exist_ok=True)
     (args.plot_dir / "site_effect_sweep.tsv").write_text("\n".join(lines) + "\n")
-    plot(rows, args.plot_dir / "site_effect_sweep.png", len(seeds))
+    plot(rows, args.plot_dir / "site_effect_sweep.png", len(seeds), args.rounds)
     for line in lines:
         print(line)
     print(f"\nwrote {args.out / 'sweep.tsv'} and {args.plot_dir / 'site_effect_sweep.png'}")
@@ -166,7 +166,12 @@ def main() -> None:
         print(json.dumps({k: round(v / 60, 1) for k, v in timings.items()}, indent=1))
 
 
-def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
+def stopped_early(row: dict, max_rounds: int) -> bool:
+    return any(int(part.split("/")[0]) < max_rounds for part in str(row.get("rounds_best", "")).split(",") if part)
+
+
+def plot(rows: list[dict], path: Path, n_seeds: int, max_rounds: int) -> Path:
+    """Pooled test MAE vs site-effect scale, one line per model; hollow markers: a run stopped early."""
     from neurofed.plots import _STYLE, COLUMN_WIDTH, _pyplot, _save
 
     plt = _pyplot()
@@ -179,10 +184,14 @@ def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
             y = np.asarray([r["mae"] for r in pts])
             err = np.asarray([[r["mae"] - r["low"] for r in pts], [r["high"] - r["mae"] for r in pts]])
             style = {"ls": ":", "color": "0.5"} if model == rep.MEAN else {"marker": "o", "ms": 3}
-            ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
+            line = ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
+            early = [stopped_early(r, max_rounds) for r in pts]
+            if model != rep.MEAN and any(early):
+                ax.plot(x[early], y[early], "o", ms=5, mfc="white", mec=line[0].get_color(), zorder=3)
         ax.set_xlabel("site-effect scale (0: one scanner, 1: published differences)")
         ax.set_ylabel("pooled test MAE (years)")
-        ax.set_title(f"Brain age under scanner shift ({n_seeds} seed{'s' if n_seeds > 1 else ''}; 95 % bootstrap CI)")
+        ax.set_title(f"Brain age under scanner shift ({n_seeds} seed{'s' if n_seeds > 1 else ''}; 95 % bootstrap CI;\n"
+                     f"hollow: early-stopped before round {max_rounds})")
         ax.legend(frameon=False)
     return _save(fig, path)
 
