@@ -65,6 +65,15 @@ class Collectives:
         """Every site's ``vec``, in site order (one all_gather; for order statistics)."""
         return self.link.all_gather(vec, "parameters")
 
+    def ordered(self, vec: Tensor, weight: float) -> Tensor:
+        """The contributing sites' vectors (weight > 0), sorted coordinate by coordinate: ``[sites, values]``
+        float64, for order statistics (median, trimmed mean). Raises when no site contributed."""
+        vectors, weights = self.gather(vec), self.gather_weights(weight)
+        chosen = [v.double() for v, w in zip(vectors, weights) if w > 0]
+        if not chosen:
+            raise NoContributionError(f"round {self.round}: no site trained; no order statistic to take")
+        return torch.stack(chosen).sort(dim=0).values
+
     def gather_weights(self, weight: float) -> list[float]:
         """Every site's weight, in site order."""
         return [float(t.item()) for t in self.link.all_gather(torch.tensor([weight], dtype=torch.float64),

@@ -10,10 +10,9 @@ run under secure aggregation.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from neurofed.federated.collectives import Collectives, NoContributionError
+from neurofed.federated.collectives import Collectives
 from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 
 __all__ = ["FedMedian"]
@@ -31,12 +30,7 @@ class FedMedian(Strategy):
         return {}
 
     def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
-        vectors = comm.gather(contribution.params)
-        weights = comm.gather_weights(contribution.weight)
-        chosen = [v.double() for v, w in zip(vectors, weights) if w > 0]
-        if not chosen:
-            raise NoContributionError(f"round {context.round}: no site trained; nothing to take the median of")
-        ordered = torch.stack(chosen).sort(dim=0).values
-        k = len(chosen)
+        ordered = comm.ordered(contribution.params, contribution.weight)
+        k = len(ordered)
         middle = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
         return middle.float()

@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from neurofed.federated.collectives import Collectives, NoContributionError
+from neurofed.federated.collectives import Collectives
 from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 
 __all__ = ["FedTrimmedAvg"]
@@ -44,12 +43,7 @@ class FedTrimmedAvg(Strategy):
         return {"beta": self.beta}
 
     def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
-        vectors = comm.gather(contribution.params)
-        weights = comm.gather_weights(contribution.weight)
-        chosen = [v.double() for v, w in zip(vectors, weights) if w > 0]
-        if not chosen:
-            raise NoContributionError(f"round {context.round}: no site trained; nothing to average")
-        m = len(chosen)
+        ordered = comm.ordered(contribution.params, contribution.weight)
+        m = len(ordered)
         b = math.floor(self.beta * m)
-        ordered = torch.stack(chosen).sort(dim=0).values
         return ordered[b: m - b].mean(dim=0).float()
