@@ -112,3 +112,17 @@ def tiny_sites(tmp_path: Path) -> list[Path]:
         make_bids_dataset(tmp_path / name, n_subjects=8, seed=i, name=name, intensity=scale)
         for i, (name, scale) in enumerate(specs)
     ]
+
+
+def bids_validator() -> str | None:
+    """``bids-validator-deno`` (the ``test`` extra) on PATH or beside this interpreter (a venv's bin without
+    activation); ``None`` where the package is not installed."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    return shutil.which("bids-validator-deno") or (str(beside) if beside.is_file() else None)
+
+
+#: Why a validator test is skipped: the package is a test dependency, missing only outside `pip install -e .[test]`.
+NO_VALIDATOR = "bids-validator-deno is not installed; it comes with `pip install -e .[test]`"

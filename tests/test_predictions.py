@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import NO_VALIDATOR, bids_validator
 
 from neurofed.predictions import (
     fit_bias_correction,
@@ -156,14 +155,7 @@ def test_too_few_or_constant_labels_give_no_correction():
     assert fit_bias_correction(same) is None
 
 
-def _bids_validator() -> str | None:
-    """``bids-validator-deno`` on PATH or beside this interpreter (a venv's bin without activation)."""
-    beside = Path(sys.executable).parent / "bids-validator-deno"
-    return shutil.which("bids-validator-deno") or (str(beside) if beside.is_file() else None)
-
-
-@pytest.mark.skipif(_bids_validator() is None, reason="bids-validator-deno not installed "
-                    "(pip install bids-validator-deno)")
+@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
 def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
     from neurofed.data import index_bids, split_subjects
 
@@ -178,7 +170,7 @@ def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
                 "session": [r.session for r in records], "site": [r.site for r in records]}]
     write_predictions(outputs, dm, torch.nn.Linear(1, 1), run_name=RUN, strategy="FedAvg")
     write_predictions(outputs, dm, run_name="second")
-    result = subprocess.run([_bids_validator(), "--format", "json", str(root / "derivatives" / "neurofed")],
+    result = subprocess.run([bids_validator(), "--format", "json", str(root / "derivatives" / "neurofed")],
                             capture_output=True, text=True, timeout=120, check=False)
     issues = json.loads(result.stdout)["issues"]["issues"]
     errors = [f"{i['code']} {i.get('location')}" for i in issues if i["severity"] == "error"]

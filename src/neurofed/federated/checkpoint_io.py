@@ -8,9 +8,7 @@ from typing import Any
 
 import torch
 
-from neurofed.atomic import atomic_save, atomic_write_text
-
-__all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load"]
+__all__ = ["CheckpointError", "load"]
 
 
 class CheckpointError(RuntimeError):
@@ -18,7 +16,7 @@ class CheckpointError(RuntimeError):
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint written by :func:`atomic_save`, with an error naming the file on failure."""
+    """Load a checkpoint written by :func:`neurofed.atomic.atomic_save`, with an error naming the file on failure."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist; check ckpt_path (or the run's checkpoint folder)")

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from neurofed.federated.errors import FederationConfigError
 
-__all__ = ["SECRET_ENV", "Federation"]
+__all__ = ["SECRET_ENV", "Federation", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (``127.0.0.1``, ``::1``) or ``localhost``."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 #: Environment variable holding the federation secret when no ``secret_file`` is set.
 SECRET_ENV = "NEUROFED_FEDERATION_SECRET"
@@ -74,10 +82,7 @@ class Federation:
     @property
     def on_loopback(self) -> bool:
         """True when every site is on this machine (a simulation): the address is a loopback address."""
-        try:
-            return ipaddress.ip_address(self.address).is_loopback
-        except ValueError:
-            return self.address == "localhost"
+        return is_loopback(self.address)
 
     def load_secret(self) -> bytes | None:
         """The secret's bytes (``secret_file``, else ``$NEUROFED_FEDERATION_SECRET``), or ``None`` if neither.

@@ -16,7 +16,6 @@ stays loopback), and every site's gloo connections listen on that address too.
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import logging
 import socket
 import threading
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from neurofed.federated.config import is_loopback
 from neurofed.federated.errors import FederationConfigError, FederationTimeoutError
 from neurofed.federated.wire import check_payload
 
@@ -45,13 +45,6 @@ def _wire_copy(t: Tensor) -> Tensor:
     return t.detach().to("cpu").clone().contiguous()
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class FederationGroup:
     """Gloo group of ``num_sites`` site leaders rendezvousing at ``address:port`` (site 0 hosts it).
 
@@ -68,7 +61,7 @@ class FederationGroup:
         self.address, self.port = address, int(port)
         self.site_rank, self.num_sites = int(site_rank), int(num_sites)
         self.timeout_s = float(timeout_s)
-        self.bind_address = bind_address or (address if site_rank == 0 or _is_loopback(address) else None)
+        self.bind_address = bind_address or (address if site_rank == 0 or is_loopback(address) else None)
         self.stage = "joining"  # what the federation is doing, for error messages (the trainer sets "round k")
         self._pg = self._store = None
         self._stop = threading.Event()

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from neurofed.federated.checkpoint_io import atomic_write_text
+from neurofed.atomic import atomic_write_text
+from neurofed.federated.commit import site_dir
 
 __all__ = [
     "HISTORY_FILE", "RunExistsError", "SiteRecord", "history_until", "metrics_file", "read_json", "refuse_existing_run",
@@ -69,8 +70,8 @@ class RunExistsError(FileExistsError):
 
 
 def site_record_dir(run_dir: str | Path, site_rank: int) -> Path:
-    """``run_dir/site-<k>``: the folder where site ``k`` keeps its own record of a run."""
-    return Path(run_dir) / f"site-{site_rank}"
+    """``run_dir/site-<k>``: the folder where site ``k`` keeps its own record of a run (and its rounds)."""
+    return site_dir(run_dir, site_rank)
 
 
 def started_run(run_dir: str | Path, site_rank: int) -> Path | None:

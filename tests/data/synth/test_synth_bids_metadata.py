@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import NO_VALIDATOR, bids_validator
 
 from neurofed.data.synth import generate_site, read_tsv
 
@@ -55,21 +56,12 @@ def test_same_seed_same_metadata_bytes(ms_site, tmp_path):
     assert (again / image).read_bytes() == (ms_site / image).read_bytes()
 
 
-def _bids_validator() -> str | None:
-    import shutil
-    import sys
-    from pathlib import Path
-
-    beside = Path(sys.executable).parent / "bids-validator-deno"
-    return shutil.which("bids-validator-deno") or (str(beside) if beside.is_file() else None)
-
-
-@pytest.mark.skipif(_bids_validator() is None, reason="bids-validator-deno not installed (pip install bids-validator-deno)")
+@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
 def test_synthetic_raw_data_passes_the_bids_validator(ms_site):
     import json
     import subprocess
 
-    result = subprocess.run([_bids_validator(), "--format", "json", str(ms_site)], capture_output=True, text=True,
+    result = subprocess.run([bids_validator(), "--format", "json", str(ms_site)], capture_output=True, text=True,
                             timeout=120, check=False)
     issues = json.loads(result.stdout)["issues"]["issues"]
     assert [f"{i['code']} {i.get('location')}" for i in issues if i["severity"] == "error"] == []
