@@ -67,6 +67,8 @@ class FederationGroup:
         self._stop = threading.Event()
         timeout = timedelta(seconds=self.timeout_s)
         log.info("site %d/%d joining the federation at %s:%d", site_rank, num_sites, address, port)
+        if self.site_rank != 0:
+            self._reach_rendezvous()
         try:
             self._store = dist.TCPStore(
                 address, self.port, None, is_master=self.site_rank == 0, timeout=timeout, wait_for_workers=False,
@@ -107,6 +109,26 @@ class FederationGroup:
             ) from e
         sock.listen(128)
         return sock.detach()  # the store owns the descriptor from now on, and closes it
+
+    def _reach_rendezvous(self) -> None:
+        """Wait, at most ``timeout_s``, until site 0's rendezvous accepts a connection.
+
+        torch's store client retries a refused connection with back-off delays that can run past its own
+        timeout; probing first keeps "site 0 is not there" within ``timeout_s``.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                socket.create_connection((self.address, self.port), timeout=1.0).close()
+                return
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise FederationTimeoutError(
+                        f"site {self.site_rank} of {self.num_sites} could not reach the rendezvous at {self.address}:"
+                        f"{self.port} within timeout_s={self.timeout_s:g} s: is site 0 running and listening there? "
+                        f"({e.strerror or e})"
+                    ) from e
+                time.sleep(0.2)
 
     def _claim_seat(self) -> None:
         store, me = self._store, self.site_rank
