@@ -29,14 +29,14 @@ Outputs under ``--out``: ``results.tsv`` (one row per task, model, seed and site
 r, predict-the-mean MAE), ``comparisons.tsv`` and ``table.md`` (MAE mean ± SD over seeds, pooled MAE with its
 interval, every difference with its interval), the validation loss per round and timings.
 
-The CPU default (``--scale 0.12``, 3 seeds, a 55/15/30 % train/validation/test split of each site's subjects):
-207 healthy subjects (IXI 70, SALD 59, Cam-CAN 78), 62 test subjects per seed, 186 pooled over the three seeds (138
-distinct); MS cohorts a third of the study's, 134 patients (Brussels 6, Greifswald 30, Prague 98), 40 test patients
-per seed, 120 pooled over the seeds (88 distinct); 4 mm input, a quarter-width SFCN with four pooling blocks, up
-to 25 rounds (SDMT 15). Counts "over seeds" count a subject once per seed in whose test split it falls. A 30 % test
-split gives as many test subjects as 15 % of a cohort twice the size, at half the training cost: that is what fits
-three seeds into about half an hour on an idle 2-core machine (estimate in the README). ``--full`` runs the
-study's sizes (both cohorts) at 1 mm, 160x192x160, full width and bf16 on a GPU, with a 70/15/15 % split.
+The CPU default (``--scale 0.12``, 3 seeds, a 55/15/30 % train/validation/test split of each site's subjects): 207
+healthy subjects (IXI 70, SALD 59, Cam-CAN 78), 62 test subjects (72-75 scans, some subjects have two sessions) per
+seed, 138 distinct test subjects over the three seeds; MS cohorts a third of the study's, 134 patients (Brussels 6,
+Greifswald 30, Prague 98), 40 test patients (46-50 scans) per seed, 88 distinct over the seeds; 4 mm input, a
+quarter-width SFCN with four pooling blocks, up to 25 rounds (SDMT 15). Counts "over seeds" count a subject once per
+seed in whose test split it falls. A 30 % test split gives as many test subjects as 15 % of a cohort twice the size,
+at half the training cost: three seeds took 33.9 minutes on an idle 2-core machine (README, Results). ``--full``
+runs the study's sizes (both cohorts) at 1 mm, 160x192x160, full width and bf16 on a GPU, with a 70/15/15 % split.
 
     python benchmarks/replication.py --out results/replication
     python benchmarks/replication.py --full --out results/replication_full
@@ -304,6 +304,23 @@ def write_tables(out: Path, summaries: dict[str, dict]) -> None:
     (out / "comparisons.tsv").write_text("\n".join(lines) + "\n")
 
 
+def scatter_first_seed(data: dict, names: dict[str, str], seed: int, out: Path) -> None:
+    """True vs predicted age on the test split of one seed, one colour per site, for each brain-age model:
+    a scanner offset shows as a whole site shifted off the identity line while its ranking stays right."""
+    from neurofed.plots import scatter_true_vs_predicted
+
+    keys = data["keys"]
+    in_seed = np.asarray([k[0] == seed for k in keys])
+    sites = np.asarray([k[1] for k in keys])
+    for model, name in names.items():
+        if model not in data["preds"]:
+            continue
+        per_site = {site: (data["target"][in_seed & (sites == site)], data["preds"][model][in_seed & (sites == site)])
+                    for site in dict.fromkeys(sites[in_seed])}
+        scatter_true_vs_predicted(per_site, out / f"brain_age_{name}_s{seed}_test_scatter.png", label="age",
+                                  run=f"{name}_s{seed}", split="test")
+
+
 # ---------------------------------------------------------------------------------------------------- study
 
 
@@ -452,6 +469,7 @@ def main() -> None:
             curves[run_dir.name] = [row["val/pooled/loss"] for row in json.loads(history.read_text())]
     if curves:
         loss_per_round(curves, args.out / "brain_age_val_loss.png", ylabel="pooled validation loss (L1, years)")
+    scatter_first_seed(brain, names, done[0], args.out)
     print("\n".join(md))
     print(f"\nwrote {args.out / 'results.tsv'}, {args.out / 'comparisons.tsv'}, {args.out / 'table.md'}")
 

@@ -64,3 +64,19 @@ def test_same_seed_same_replicates_and_bad_input_is_refused() -> None:
         BootstrapWeights(range(3)).mean([1.0, 2.0])
     with pytest.raises(ValueError, match="empty"):
         BootstrapWeights([])
+
+
+def test_mae_ratio_is_paired_and_scale_free() -> None:
+    rng = np.random.default_rng(3)
+    shared = rng.gamma(2.0, 3.0, size=300)  # per-subject difficulty both models share
+    a, b = shared * 1.1, shared
+    weights = BootstrapWeights(np.arange(300), n_boot=500, seed=0)
+    ratio = weights.mae_ratio(a, b)
+    assert ratio.estimate == pytest.approx(1.1)
+    assert ratio.high - ratio.low < 1e-9  # a constant ratio: pairing leaves nothing to resample
+    noisy = weights.mae_ratio(shared * rng.uniform(0.9, 1.3, size=300), b)
+    assert noisy.low < noisy.estimate < noisy.high
+    assert noisy.low > 1.0  # the errors are larger on average, and the interval says so
+    assert weights.mae_ratio(a * 5, b * 5).estimate == pytest.approx(ratio.estimate)
+    with pytest.raises(ValueError, match="zero"):
+        weights.mae_ratio(a, np.zeros(300))

@@ -115,3 +115,12 @@ class BootstrapWeights:
     def mae_difference(self, abs_err_a: Sequence[float], abs_err_b: Sequence[float]) -> Interval:
         """Interval of MAE(A) - MAE(B) on the same resampled subjects (negative: A has the lower error)."""
         return self.mean(np.asarray(abs_err_a, dtype=float) - np.asarray(abs_err_b, dtype=float))
+
+    def mae_ratio(self, abs_err_a: Sequence[float], abs_err_b: Sequence[float]) -> Interval:
+        """Interval of MAE(A) / MAE(B) on the same resampled subjects: for targets stated relative to a
+        reference ("within 10 % of"), where a difference in years would hide the reference's own size."""
+        sums_a, sums_b = self._cluster_sums(abs_err_a), self._cluster_sums(abs_err_b)
+        if sums_b.sum() <= 0:
+            raise ValueError("MAE(B) is zero: the ratio is undefined")
+        replicates = (self.weights @ sums_a) / np.maximum(self.weights @ sums_b, np.finfo(float).tiny)
+        return self._interval(sums_a.sum() / sums_b.sum(), replicates)
