@@ -74,12 +74,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes that register the raw-like scans")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
-    settings = rep.apply_defaults(argparse.Namespace(full=False, out=args.out, rounds=None, split=None))
-    for key, value in vars(settings).items():
-        if not hasattr(args, key) or getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out = args.out.resolve()
+    parser.set_defaults(full=False)  # CPU only: the replication's --full sizes are not offered here
+    args = rep.apply_defaults(parser.parse_args())  # the replication's CPU settings; resolves --out
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -102,18 +98,16 @@ def main() -> None:
                     logs / f"{run_name(condition, seed)}.log")
                 timings_path.write_text(json.dumps(timings, indent=1))
 
-    data = None
-    for condition, (tree, _) in CONDITIONS.items():
-        one = rep.collect("brain age", {condition: {s: run_name(condition, s) for s in seeds}}, roots(args, tree),
-                          "age")
-        if data is None:
-            data = one
-        else:
-            # Same subjects in both trees: align on (seed, site, subject, session) and check the targets agree.
-            if one["keys"] != data["keys"] or not np.allclose(one["target"], data["target"]):
-                raise ValueError(f"{condition!r} was tested on other scans than 'registered'")
-            data["preds"] = {**{k: v for k, v in data["preds"].items() if k != rep.MEAN}, condition:
-                             one["preds"][condition], rep.MEAN: data["preds"][rep.MEAN]}
+    # Each condition reads its own tree; the trees hold the same subjects, so the test scans must line up.
+    parts = {condition: rep.collect("brain age", {condition: {s: run_name(condition, s) for s in seeds}},
+                                    roots(args, tree), "age") for condition, (tree, _) in CONDITIONS.items()}
+    data = parts["registered"]
+    mean = data["preds"].pop(rep.MEAN)
+    for condition, one in parts.items():
+        if one["keys"] != data["keys"] or not np.allclose(one["target"], data["target"]):
+            raise ValueError(f"{condition!r} was tested on other scans than 'registered'")
+        data["preds"][condition] = one["preds"][condition]
+    data["preds"][rep.MEAN] = mean
     summary = rep.summarize(data, [("raw, affine", "registered"), ("raw, none", "registered"),
                                    ("raw, affine", "raw, none")] + [(c, rep.MEAN) for c in CONDITIONS], args.n_boot)
     weights = rep.BootstrapWeights(data["clusters"], data["strata"], n_boot=args.n_boot, seed=0)
