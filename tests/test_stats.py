@@ -80,3 +80,42 @@ def test_mae_ratio_is_paired_and_scale_free() -> None:
     assert weights.mae_ratio(a * 5, b * 5).estimate == pytest.approx(ratio.estimate)
     with pytest.raises(ValueError, match="zero"):
         weights.mae_ratio(a, np.zeros(300))
+
+
+def test_resampling_seeds_gives_the_seeds_own_spread() -> None:
+    """Every scan of a seed has the same error: the subjects add nothing, so the hierarchical interval of the
+    MAE is that of the mean of seeds drawn with replacement: with two seeds its ends are the two seeds' MAEs."""
+    seeds = np.repeat([0, 1], 30)
+    errors = np.where(seeds == 0, 4.0, 9.0)
+    clusters = [f"{s}/{i}" for s, i in zip(seeds, range(60))]
+    strata = [f"{s}/site" for s in seeds]
+    hierarchical = BootstrapWeights(clusters, strata, n_boot=2000, seed=1, groups=seeds).mae(errors)
+    assert hierarchical.estimate == pytest.approx(6.5)
+    assert hierarchical.low == pytest.approx(4.0) and hierarchical.high == pytest.approx(9.0)
+    # resampling subjects only cannot see the seeds' disagreement
+    subjects_only = BootstrapWeights(clusters, strata, n_boot=2000, seed=1).mae(errors)
+    assert subjects_only.high - subjects_only.low == pytest.approx(0.0)
+
+
+def test_two_stage_variance_matches_its_closed_form() -> None:
+    """S seeds, n subjects each: drawing S seeds with replacement, then n subjects within each copy, gives the
+    grand mean the variance (1/S) * [ (1/S) sum (m_s - m)^2 + (1/S) sum v_s / n ] (v_s: the seed's
+    population variance of its subjects' errors)."""
+    rng = np.random.default_rng(5)
+    n_seeds, n = 5, 40
+    seed_means = rng.normal(6.0, 1.5, n_seeds)
+    errors = np.concatenate([rng.gamma(4.0, m / 4.0, n) for m in seed_means])
+    seeds = np.repeat(np.arange(n_seeds), n)
+    clusters = np.arange(errors.size)
+    weights = BootstrapWeights(clusters, seeds, n_boot=20000, seed=2, groups=seeds)
+    sums = weights._cluster_sums(errors)
+    replicates = (weights.weights @ sums) / (weights.weights @ weights.scans_per_cluster)
+    m = errors.reshape(n_seeds, n).mean(axis=1)
+    v = errors.reshape(n_seeds, n).var(axis=1)
+    expected = (np.mean((m - m.mean()) ** 2) + np.mean(v) / n) / n_seeds
+    assert replicates.var() == pytest.approx(expected, rel=0.05)
+
+
+def test_a_stratum_must_lie_in_one_group() -> None:
+    with pytest.raises(ValueError, match="two groups"):
+        BootstrapWeights(["a", "b"], ["x", "x"], groups=[0, 1])

@@ -10,9 +10,15 @@ bootstrap here:
   on the clusters, the strata and the seed), so the interval of a difference carries no between-subject
   variance that both models share;
 - reports percentile intervals of the statistic computed on all the pooled test scans (MAE over every scan
-  of every stratum), next to the point estimate on the original sample.
+  of every stratum), next to the point estimate on the original sample;
+- optionally resamples **groups** above the strata first (``groups``: the training seed of each scan), so an
+  interval covers training randomness as well as the choice of test subjects: a comparison of two recipes
+  is a property of the recipes, not of one lucky initialisation (a two-stage, hierarchical bootstrap:
+  Davison & Hinkley 1997, §3.8). Each replicate draws as many seeds as there are, with replacement, and
+  resamples the subjects of every drawn copy of a seed anew.
 
     weights = BootstrapWeights(clusters, strata, n_boot=2000, seed=0)
+    weights = BootstrapWeights(clusters, strata, groups=seeds)   # seeds and subjects resampled
     weights.mae(abs_err_a)                                # Interval of model A's MAE
     weights.mae_difference(abs_err_a, abs_err_b)          # Interval of MAE(A) - MAE(B)
 
@@ -57,10 +63,12 @@ class BootstrapWeights:
         n_boot: Number of bootstrap replicates.
         seed: Seed of the resampling; the same inputs and seed give the same replicates.
         level: Coverage of the percentile intervals.
+        groups: Per scan, the unit resampled above the strata (e.g. the training seed); every stratum must lie
+            in one group. ``None``: the strata are kept as they are in every replicate.
     """
 
     def __init__(self, clusters: Sequence, strata: Sequence | None = None, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> None:
+                 level: float = 0.95, groups: Sequence | None = None) -> None:
         clusters = np.asarray([str(c) for c in clusters])
         if clusters.size == 0:
             raise ValueError("no scans to bootstrap: clusters is empty")
@@ -82,11 +90,34 @@ class BootstrapWeights:
         by_stratum: dict = {}
         for c in range(unique.size):
             by_stratum.setdefault(cluster_stratum[c], []).append(c)
+        copies = self._group_copies(groups, strata, rng, n_boot)
         for stratum in sorted(by_stratum):
             members = np.asarray(by_stratum[stratum])
             k = members.size
-            self.weights[:, members] = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)
+            if copies is None:
+                self.weights[:, members] = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)
+            else:  # c copies of the stratum's group, each resampled anew: k * c draws in all
+                self.weights[:, members] = rng.multinomial(k * copies[stratum], np.full(k, 1.0 / k))
         self.scans_per_cluster = np.bincount(self.scan_cluster, minlength=unique.size).astype(float)
+
+    @staticmethod
+    def _group_copies(groups: Sequence | None, strata: np.ndarray, rng: np.random.Generator,
+                      n_boot: int) -> dict | None:
+        """Per stratum, how many copies of its group each replicate drew (``None`` without groups)."""
+        if groups is None:
+            return None
+        groups = np.asarray([str(g) for g in groups])
+        if groups.shape != strata.shape:
+            raise ValueError(f"groups ({groups.size}) and strata ({strata.size}) differ in length")
+        stratum_group: dict = {}
+        for s, g in zip(strata, groups):
+            if stratum_group.setdefault(s, g) != g:
+                raise ValueError(f"stratum {s!r} lies in two groups ({stratum_group[s]!r}, {g!r}); make strata "
+                                 "group-specific, e.g. f'{seed}/{site}'")
+        names = sorted(set(stratum_group.values()))
+        drawn = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=n_boot)  # [n_boot, G]
+        column = {g: i for i, g in enumerate(names)}
+        return {s: drawn[:, column[g]] for s, g in stratum_group.items()}
 
     def _cluster_sums(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=float)

@@ -47,7 +47,9 @@ def training_fingerprint(trainer: Any, model: Any, keys: list[str], resuming: bo
         "sampling": f"sites_per_round={trainer.sites_per_round}",
         "num_sites": str(fed.num_sites),
         "precision": str(trainer.precision),
-        "stopping": f"patience={trainer.patience}, lr_plateau={trainer.lr_plateau_patience}x{trainer.lr_plateau_factor}",
+        "stopping": f"patience={trainer.patience}, lr_plateau={trainer.lr_plateau_patience}x{trainer.lr_plateau_factor}, "
+                    f"min_rounds={trainer.min_rounds}",
+        "schedule": f"{trainer.lr_schedule!r}, precise_bn={trainer.precise_bn}, clip={trainer.gradient_clip_val}",
         "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}",
         "resuming": str(bool(resuming)),
         "sample-level privacy": repr(getattr(trainer, "privacy", None)),

@@ -63,13 +63,15 @@ def passes_per_round(loader: Any, local_epochs: int, local_steps: int | None) ->
 def train_locally(
     site: Site, loader: Iterable, datamodule: Any, strategy: Strategy, global_params: dict[str, Tensor],
     round: int, passes: int, max_steps: int | None, privacy: PrivateSite | None = None,
+    clip_norm: float | None = None,
 ) -> LocalTraining:
     """Train ``site.model`` on ``loader`` for ``passes`` passes (or until ``max_steps`` optimizer steps).
 
     Pass ``i`` of round ``r`` is pass ``r * passes + i`` of the run. Before it, every random generator is
     reseeded from that number (:meth:`Site.reseed`) and the sampler's epoch is set to it, so data order,
     dropout and augmentation depend on it alone: a resumed run repeats an uninterrupted one. Under DP-SGD
-    (``privacy``), a Poisson draw of no example is still a step: the noise alone.
+    (``privacy``), a Poisson draw of no example is still a step: the noise alone. ``clip_norm`` clips each
+    step's gradient norm.
     """
     fabric, wrapped, optimizer = site.launched(), site.wrapped, site.optimizer
     wrapped.train()
@@ -107,6 +109,8 @@ def train_locally(
             loss = out["loss"] if isinstance(out, dict) else out
             extra = strategy.local_loss(site.model, global_params)
             fabric.backward(loss if extra is None else loss + extra)
+            if clip_norm is not None:
+                fabric.clip_gradients(wrapped, optimizer, max_norm=clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n = batch_size(batch)

@@ -44,14 +44,18 @@ class RoundState:
     lr_scale: float = 1.0  # product of the plateau reductions applied so far
     stopped: bool = False
 
-    def record(self, r: int, val_loss: float, has_val: bool, patience: int | None) -> bool:
+    def record(self, r: int, val_loss: float, has_val: bool, patience: int | None, min_rounds: int = 0) -> bool:
         """Account for round ``r``'s (0-based) pooled validation loss; returns True for a new best model.
 
         A round without validation examples counts as an improvement, so that training without a
         validation split keeps the last model and never stops early. A non-finite loss never does: the
-        best model is chosen among finite validation losses only.
+        best model is chosen among finite validation losses only. The first ``min_rounds`` rounds (a
+        warm-up) never stop the run, and the first round after them starts the search for the best model
+        afresh: a lucky early round is never what gets tested once the run has gone past its warm-up.
         """
         self.round = r + 1
+        if r == min_rounds and r > 0:
+            self.best_val_loss = math.inf
         improved = not has_val or (math.isfinite(val_loss) and val_loss < self.best_val_loss)
         if improved:
             if has_val:
@@ -59,7 +63,7 @@ class RoundState:
             self.rounds_without_improvement = 0
         else:
             self.rounds_without_improvement += 1
-        if patience is not None and self.rounds_without_improvement >= patience:
+        if patience is not None and self.rounds_without_improvement >= patience and self.round > min_rounds:
             self.stopped = True
         return improved
 

@@ -29,7 +29,9 @@ from neurofed.federated.fit_setup import FitLoaders, account_resumed_privacy, se
 from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
-from neurofed.federated.params import flatten, load_vector
+from neurofed.federated.lr_schedule import RoundSchedule, apply_round_lr
+from neurofed.federated.params import flatten, load_vector, unflatten
+from neurofed.federated.precise_bn import batchnorm_statistics_keys, recompute_site_batchnorm
 from neurofed.federated.results import HISTORY_FILE, write_json
 from neurofed.federated.resume import committed_for, resume
 from neurofed.federated.sampling import SiteSampling
@@ -69,10 +71,18 @@ class FederatedTrainer:
         sites_per_round: Train only this many sites per round, drawn from ``(seed, round)`` identically at
             every site; ``None`` trains all sites. Unsampled sites send weight 0 but still validate.
         patience: Stop after this many rounds without a lower pooled validation loss; ``None`` never stops.
+        min_rounds: Never stop early before this many rounds, and choose the best model only among rounds from
+            here on (default: the schedule's warm-up), so that an early lucky round cannot be selected.
+        lr_schedule: Learning rate across rounds (:class:`~neurofed.federated.lr_schedule.RoundSchedule`:
+            warm-up, then cosine or step decay); ``None`` keeps the optimizer's learning rate.
         lr_plateau_patience: Multiply every learning rate by ``lr_plateau_factor`` after this many rounds
             without improvement; ``None`` keeps the learning rate.
         lr_plateau_factor: Factor of each LR reduction.
         min_lr: Learning rates are never reduced below this.
+        precise_bn: Keep BatchNorm running statistics local and re-estimate them on this site's training
+            split before the first round and after each aggregation, before the site validates and commits
+            the round (:mod:`~neurofed.federated.precise_bn`). No effect on a model without BatchNorm.
+        gradient_clip_val: Clip the gradient norm of each local step to this value; ``None`` does not clip.
         federation: Where this site sits in the federation; default: one local site (centralized).
         logger: ``True`` for a CSV logger under ``default_root_dir/run_name/site-<rank>``, ``False`` for
             none, or Lightning logger(s) used as given (e.g. a WandbLogger set up by the CLI).
@@ -103,9 +113,13 @@ class FederatedTrainer:
         strategy: Strategy | None = None,
         sites_per_round: int | None = None,
         patience: int | None = None,
+        min_rounds: int | None = None,
+        lr_schedule: RoundSchedule | None = None,
         lr_plateau_patience: int | None = None,
         lr_plateau_factor: float = 0.5,
         min_lr: float = 1e-6,
+        precise_bn: bool = True,
+        gradient_clip_val: float | None = None,
         federation: Federation | None = None,
         logger: bool | Logger | list[Logger] = True,
         callbacks: list[Any] | None = None,
@@ -129,13 +143,23 @@ class FederatedTrainer:
         if sites_per_round is not None and not 1 <= sites_per_round <= fed.num_sites:
             raise SettingsError(f"FederatedTrainer: sites_per_round must be in 1..num_sites={fed.num_sites}, "
                                 f"got {sites_per_round}")
+        if gradient_clip_val is not None and privacy is not None:
+            raise SettingsError("FederatedTrainer: gradient_clip_val does not combine with DP-SGD (privacy), which "
+                                "clips each example's gradient itself (privacy.max_grad_norm)")
         if lr_plateau_patience is not None and lr_plateau_patience < 1:
             raise SettingsError(f"FederatedTrainer: lr_plateau_patience must be >= 1, got {lr_plateau_patience}")
+        if (min_rounds is not None and min_rounds < 0) or (gradient_clip_val is not None and gradient_clip_val <= 0):
+            raise SettingsError(f"FederatedTrainer: min_rounds ({min_rounds}) must be >= 0 and gradient_clip_val "
+                                f"({gradient_clip_val}) > 0")
         self.rounds, self.local_epochs, self.local_steps = int(rounds), int(local_epochs), local_steps
         self.precision, self.devices = precision, devices
         self.strategy = strategy if strategy is not None else FedAvg()
         self.sites_per_round, self.patience = sites_per_round, patience
         self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr = lr_plateau_patience, lr_plateau_factor, min_lr
+        self.lr_schedule = lr_schedule
+        warmup = lr_schedule.warmup_rounds if lr_schedule is not None else 0
+        self.min_rounds = int(min_rounds) if min_rounds is not None else warmup
+        self.precise_bn, self.gradient_clip_val = bool(precise_bn), gradient_clip_val
         self.federation = fed
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
@@ -154,11 +178,24 @@ class FederatedTrainer:
         self.best_model_path: str | None = None
         self.predictions: list[Any] | None = None
         self.plateau: PlateauLR | None = None
+        self._global_vec: torch.Tensor | None = None  # the aggregated entries every site holds
+        self._keys: list[str] = []
 
     @property
     def run_dir(self) -> Path:
         """Folder of this run: ``default_root_dir/run_name``."""
         return Path(self.default_root_dir) / self.run_name
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The aggregated entries of the current global model, identical at every site (empty before ``fit``).
+
+        The site's model holds them too, beside what stays local: BatchNorm statistics under ``precise_bn`` and
+        entries a strategy keeps local (FedBN's batch-norm layers).
+        """
+        if self._global_vec is None:
+            return {}
+        return unflatten(self._global_vec, self.site.model.state_dict(), self._keys)
 
     @property
     def fabric(self) -> Any:
@@ -191,6 +228,9 @@ class FederatedTrainer:
         committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
         loaders = setup_fit(self, model, datamodule, train_dataloaders, val_dataloaders)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
+        if self.precise_bn:  # each site's own statistics, re-estimated every round (precise_bn.py)
+            local_statistics = batchnorm_statistics_keys(model)
+            keys = [k for k in keys if k not in local_statistics]
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
         if site.is_leader:
@@ -218,6 +258,9 @@ class FederatedTrainer:
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
+        self._global_vec, self._keys = flatten(model.state_dict(), keys), keys  # every site holds it; (1) loads it
+        if self.precise_bn and committed is None:  # statistics of this site's scans from the first round on
+            recompute_site_batchnorm(site, loaders.train, datamodule)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
@@ -265,10 +308,14 @@ class FederatedTrainer:
         link.set_stage(f"round {r + 1}")
         site.call("on_round_start", trainer=self, round=r)
 
-        # (1) Global weights in. After the previous round's aggregation the model already holds them;
-        # the aggregated entries are what every site shares, the rest (FedBN's batch norm) stays local.
-        global_vec = flatten(model.state_dict(), keys)
+        # (1) Global weights in: the aggregated entries every site shares; the rest (BatchNorm statistics under
+        # precise_bn, FedBN's batch-norm layers) stays local. The round's learning rate follows the schedule
+        # (identical at every site: a function of the round).
+        global_vec = self._global_vec
+        load_vector(model, global_vec, keys)
         global_params = {k: v.detach().clone() for k, v in model.state_dict().items() if k in set(keys)}
+        if self.lr_schedule is not None:
+            apply_round_lr(site.optimizer, self.lr_schedule, r, self.rounds, self.state.lr_scale, self.min_lr)
 
         # (2) Local training, if this site is sampled this round (same draw at every site, no messages).
         t0 = time.perf_counter()
@@ -276,7 +323,7 @@ class FederatedTrainer:
         trained = LocalTraining.skipped()
         if sampled:
             trained = train_locally(site, train_loader, datamodule, strategy, global_params, r, passes,
-                                    self.local_steps, privacy=self._private)
+                                    self.local_steps, privacy=self._private, clip_norm=self.gradient_clip_val)
             self.global_step += trained.steps
         site.call("on_local_train_end", trainer=self, round=r, result=trained)
         t_train = time.perf_counter() - t0
@@ -298,11 +345,16 @@ class FederatedTrainer:
             log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
             new_global = global_vec
         load_vector(model, new_global, keys)
+        self._global_vec = new_global
         site.call("on_aggregate_end", trainer=self, round=r, global_params=new_global)
         t_agg = time.perf_counter() - t0
 
-        # (4) Every site validates the new global model; pooled metrics from the sites' summed statistics.
+        # (4) Every site validates the new global model, with BatchNorm statistics of its own training scans
+        # (precise_bn.py); pooled metrics from the sites' summed statistics.
         t0 = time.perf_counter()
+        if self.precise_bn:
+            recompute_site_batchnorm(site, train_loader, datamodule)
+        t_bn = time.perf_counter() - t0
         baseline = evaluation.baseline_prediction(model)
         own = evaluation.evaluate_split(site, val_loader, datamodule, "validation_step", baseline)
         pooled = evaluation.pool_split(link, own)
@@ -319,7 +371,7 @@ class FederatedTrainer:
 
         # (6) Identical decisions everywhere: best model (finite losses only), early stopping, LR on plateau.
         has_val = pooled.count > 0
-        improved = self.state.record(r, val_loss, has_val, self.patience)
+        improved = self.state.record(r, val_loss, has_val, self.patience, self.min_rounds)
         if self.plateau is not None and has_val and self.plateau.step(val_loss):
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
@@ -331,7 +383,7 @@ class FederatedTrainer:
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
             "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "screened_out": float(screened_out),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
-            "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
+            "time/validate_s": t_val, "time/precise_bn_s": t_bn, "bytes_sent": float(link.bytes_sent),
         }
         metrics |= strategy.round_metrics()  # e.g. site-level ε of DP-FedAvg, clipped updates
         if self._private is not None:
@@ -342,7 +394,7 @@ class FederatedTrainer:
             commit_round(
                 self.run_dir, self.federation.site_rank, self.state.round,
                 shared=ckpt.shared_record(
-                    self.state, {k: v for k, v in model.state_dict().items() if k in set(keys)},
+                    self.state, self.global_state,
                     strategy.state_dict(), self.sampling().as_dict(), learning_rates(site.optimizer),
                     self.plateau.state_dict() if self.plateau is not None else None,
                     self.history_before_resume + self.history + [metrics]),

@@ -57,3 +57,22 @@ def test_bad_site_effect_is_refused_before_writing(tmp_path, capsys):
     assert "site_effect must be within" in capsys.readouterr().err
     assert not (tmp_path / "ixi").exists()
     assert parse(["--out", "x"]).site_effect == 1.0
+
+
+def test_age_ranges_give_each_site_its_own_ages(tmp_path):
+    from neurofed.data.synth import read_tsv
+
+    rc = run(parse(["--out", str(tmp_path), "--sites", "ixi,sald", "--subjects", "8", "--resolution", "4",
+                    "--sizes", "equal", "--sessions", "0", "--age-ranges", "20-30,70-80", "--no-progress"]))
+    assert rc == 0
+    young = [float(r["age"]) for r in read_tsv(tmp_path / "ixi" / "participants.tsv")]
+    old = [float(r["age"]) for r in read_tsv(tmp_path / "sald" / "participants.tsv")]
+    assert all(20 <= a <= 30 for a in young) and all(70 <= a <= 80 for a in old)
+
+
+@pytest.mark.parametrize("ranges, message", [("20-30", "1 range(s) for 2 site(s)"), ("20-30,old", "not LO-HI"),
+                                             ("20-30,80-70", "LO < HI")])
+def test_bad_age_ranges_are_refused_before_writing(tmp_path, capsys, ranges, message):
+    assert run(parse(["--out", str(tmp_path), "--sites", "ixi,sald", "--age-ranges", ranges])) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ixi").exists()

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site-effect", type=float, default=1.0,
                         help="scale of the scanner differences between sites: 0 = all sites one scanner, "
                              "1 = published between-scanner differences (default), 2 = twice them")
+    parser.add_argument("--age-ranges", default=None, metavar="LO-HI,LO-HI,...",
+                        help="one age range per site, in --sites order (e.g. 20-45,40-65,60-86): sites then differ "
+                             "in the ages they scanned (label shift); default: each site's own range")
     parser.add_argument("--raw", action="store_true",
                         help="raw-like scans: skull, scalp and neck, native pose (±15°, ±20 mm), off-centre "
                              "field of view; true transforms in sourcedata/transforms.tsv (for "
@@ -49,6 +52,26 @@ def site_sizes(sites: list[str], subjects: int, sizes: str) -> dict[str, int]:
     refs = {s: get_site(s).reference_size for s in sites}
     total = subjects * len(sites)
     return {s: max(MIN_SITE_SUBJECTS, int(round(total * r / sum(refs.values())))) for s, r in refs.items()}
+
+
+def parse_age_ranges(text: str | None, sites: list[str]) -> dict[str, tuple[float, float] | None]:
+    """``--age-ranges`` as one (low, high) per site; ``None`` for every site when not given."""
+    if not text:
+        return {s: None for s in sites}
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) != len(sites):
+        raise ValueError(f"--age-ranges has {len(parts)} range(s) for {len(sites)} site(s) ({', '.join(sites)}); "
+                         "give one LO-HI per site, e.g. 20-45,40-65,60-86")
+    ranges = {}
+    for site, part in zip(sites, parts):
+        try:
+            low, high = (float(x) for x in part.split("-"))
+        except ValueError:
+            raise ValueError(f"--age-ranges: {part!r} is not LO-HI in years, e.g. 20-45") from None
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"--age-ranges: {part!r} must satisfy 0 <= LO < HI <= 100")
+        ranges[site] = (low, high)
+    return ranges
 
 
 def parse_sites(text: str | None, cohort: str | None) -> list[str]:
@@ -78,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         sites = parse_sites(args.sites, args.cohort)
         for site in sites:  # check the scale before anything is written
             scaled_profile(get_site(site), getattr(args, "site_effect", 1.0))
+        age_ranges = parse_age_ranges(getattr(args, "age_ranges", None), sites)
     except ValueError as err:
         print(f"neurofed synth: {err}", file=sys.stderr)
         return 2
@@ -88,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         path = generate_site(args.out, site, n, resolution=args.resolution, seed=args.seed,
                              cohort=args.cohort, session_fraction=args.sessions,
                              progress=getattr(args, "progress", True),
-                             site_effect=getattr(args, "site_effect", 1.0), raw=getattr(args, "raw", False))
+                             site_effect=getattr(args, "site_effect", 1.0), raw=getattr(args, "raw", False),
+                             age_range=age_ranges[site])
         rows[site] = summarize_site(path) | {"seconds_per_subject": (time.perf_counter() - start) / n}
     print(f"wrote {len(rows)} site(s) under {args.out}")
     print(format_summary(rows))

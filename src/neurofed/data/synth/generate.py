@@ -139,7 +139,8 @@ def _prepare_dir(site_dir: Path) -> None:
 
 def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: float = 2.0, seed: int = 0,
                   cohort: str | None = None, session_fraction: float = 0.2,
-                  progress: bool = True, site_effect: float = 1.0, raw: bool = False) -> Path:
+                  progress: bool = True, site_effect: float = 1.0, raw: bool = False,
+                  age_range: tuple[float, float] | None = None) -> Path:
     """Write the synthetic BIDS dataset ``out_dir/<site>`` and return its path.
 
     ``cohort`` ("healthy" or "ms") defaults to the site's own population; naming the other one keeps the
@@ -149,6 +150,8 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
     differences, 2 = twice them); see ``site_effect.scaled_profile``. Besides the BIDS files, the true
     simulated variables of every scan go to ``sourcedata/latents.tsv``. ``raw=True`` writes raw-like scans
     (head, neck, native pose; see ``raw.py``) and their true transforms to ``sourcedata/transforms.tsv``.
+    ``age_range`` (years) replaces the site's own range, so that sites can differ in who they scanned as well
+    as in how (label shift between sites).
     """
     profile = scaled_profile(get_site(site), site_effect)
     cohort = cohort or profile.cohort
@@ -158,7 +161,9 @@ def generate_site(out_dir: str | Path, site: str, n_subjects: int, resolution: f
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
     if not 0.0 <= session_fraction <= 1.0:
         raise ValueError(f"session_fraction must be within [0, 1], got {session_fraction}")
-    age_range = profile.age_range if cohort == profile.cohort else COHORT_AGE_RANGE[cohort]
+    if age_range is not None and not 0 <= age_range[0] < age_range[1] <= 100:
+        raise ValueError(f"age_range must be (low, high) with 0 <= low < high <= 100, got {age_range}")
+    age_range = age_range or (profile.age_range if cohort == profile.cohort else COHORT_AGE_RANGE[cohort])
     site_dir = Path(out_dir) / profile.name
     _prepare_dir(site_dir)
     load_template(resolution)  # fail early, before any file is written
