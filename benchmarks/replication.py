@@ -1,13 +1,17 @@
-"""Replicate the reference study's table on synthetic data, with seeds and paired bootstrap intervals.
+"""Replicate the reference study's table on synthetic data, with seeds and intervals that resample them.
 
 The reference study (three healthy centres IXI 586 / SALD 491 / CamCAN 653 scans; three MS centres Brussels 96 /
 Greifswald 756 / Prague 2,424) reported brain-age MAE 6.08 y federated vs 7.02 y centralized, and SDMT MAE 9.19
 (deep transfer) vs 11.05 (shallow). This script builds sites with those relative sizes and age ranges with
-``neurofed synth`` (once) and then, for each seed, runs with the same code paths a user would:
+``neurofed synth`` (once) and then, for each seed, runs with the same code paths a user would and the training
+recipe of the shipped configs (``configs/brain_age_cpu.yaml``, ``configs/sdmt_*_cpu.yaml``):
 
 1. brain age, centralized: one site holding the three healthy roots (``neurofed fit``);
 2. brain age, federated: three site processes (``neurofed simulate ... fit``), for each strategy asked;
-3. SDMT, federated over the three MS sites, deep and shallow transfer from that seed's federated brain-age
+3. the control "centralized + per-site BatchNorm": the centralized model with its BatchNorm statistics
+   re-estimated on each site's own training scans, no training (how much of a federated rule's gain is
+   normalisation alone);
+4. SDMT, federated over the three MS sites, deep and shallow transfer from that seed's federated brain-age
    model (the first strategy asked).
 
 A seed changes the subject split (``--data.split_seed``) and the initialisation and shuffling
@@ -16,30 +20,32 @@ A seed changes the subject split (``--data.split_seed``) and the initialisation 
 **Uncertainty.** Each run writes its per-subject predictions at each site
 (``<root>/derivatives/neurofed/runs/<run>/desc-<label>_predictions.tsv``); the benchmark reads the test rows
 there (in a real deployment they never leave the site; here the benchmark plays the analyst at every site).
-The intervals come from a paired, stratified cluster bootstrap (``neurofed.stats``): test subjects are
-resampled with replacement within each (seed, site) stratum, all models of a task are evaluated on the same
-resampled subjects, and the statistic is the MAE over all test scans of all seeds pooled. So an interval
-covers the test-subject sampling of every seed's split; the spread between seeds (initialisation and which
-subjects were used for training) is reported separately as mean ± SD of the per-seed pooled MAE.
-Predict-the-mean predicts, for every test scan of a seed, the mean training label over all sites of that seed
-(what the federation computes from label sums and counts). A difference "excludes zero" when its 95 %
-interval does.
+Intervals come from a paired, hierarchical bootstrap (``neurofed.stats``): each replicate draws the seeds with
+replacement, then, for every drawn seed, the test subjects with replacement within each site, and evaluates
+every model on the same draw. So an interval covers training randomness (initialisation, data order, which
+subjects trained) as well as the choice of test subjects, and a difference is called significant only when its
+interval excludes zero. Per-seed values are reported beside it. Predict-the-mean predicts, for every test scan
+of a seed, the mean training label over all sites of that seed (what the federation computes from label sums
+and counts).
 
-Outputs under ``--out``: ``results.tsv`` (one row per task, model, seed and site, plus pooled rows: n, MAE, RMSE,
-r, predict-the-mean MAE), ``comparisons.tsv`` and ``table.md`` (MAE mean ± SD over seeds, pooled MAE with its
-interval, every difference with its interval), the validation loss per round and timings.
+**Stability.** For every run, the largest rise of the pooled validation loss over the best so far after the
+warm-up (``stability.tsv``): a smooth recipe keeps it small, so the best round is not a lucky one.
 
-The CPU default (``--scale 0.12``, 3 seeds, a 55/15/30 % train/validation/test split of each site's subjects): 207
-healthy subjects (IXI 70, SALD 59, Cam-CAN 78), 62 test subjects (72-75 scans, some subjects have two sessions) per
-seed, 138 distinct test subjects over the three seeds; MS cohorts a third of the study's, 134 patients (Brussels 6,
-Greifswald 30, Prague 98), 40 test patients (46-50 scans) per seed, 88 distinct over the seeds; 4 mm input, a
-quarter-width SFCN with four pooling blocks, up to 25 rounds (SDMT 15). Counts "over seeds" count a subject once per
-seed in whose test split it falls. A 30 % test split gives as many test subjects as 15 % of a cohort twice the size,
-at half the training cost: three seeds took 33.9 minutes on an idle 2-core machine (README, Results). ``--full``
-runs the study's sizes (both cohorts) at 1 mm, 160x192x160, full width and bf16 on a GPU, with a 70/15/15 % split.
+Outputs: the runs, logs and synthetic sites under ``--out``; the results files under ``--results`` (default
+``docs/results/replication/``): ``results.tsv`` (task, model, seed, site: n, MAE, RMSE, r, predict-the-mean
+MAE), ``comparisons.tsv`` (every model's pooled MAE and every difference, with intervals),
+``stability.tsv``, ``meta.json`` (command, commit, seeds, settings, minutes per step), the validation loss per
+round and scatter plots of seed 0. ``docs/results/replication.md`` and README are rendered from them
+(``benchmarks/report.py``).
+
+The CPU default (``--scale 0.12``, 5 seeds, a 55/15/30 % train/validation/test split of each site's subjects):
+207 healthy subjects (IXI 70, SALD 59, Cam-CAN 78), about 62 test subjects per seed; MS cohorts a third of the
+study's, 134 patients (Brussels 6, Greifswald 30, Prague 98), about 40 test patients per seed; 4 mm input, a
+quarter-width SFCN with four pooling blocks. ``--full`` runs the study's sizes (both cohorts) at 1 mm,
+160x192x160, full width and bf16 on a GPU, with a 70/15/15 % split.
 
     python benchmarks/replication.py --out results/replication
-    python benchmarks/replication.py --full --out results/replication_full
+    python benchmarks/replication.py --full --out results/replication_full --results results/replication_full
     python benchmarks/replication.py --out results/replication --report-only   # tables from finished runs
 """
 
@@ -60,6 +66,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_meta
 
 from neurofed.predictions import DERIVATIVE_DIR, RUNS_DIR, run_folder
 from neurofed.stats import BootstrapWeights
@@ -80,6 +89,7 @@ STRATEGIES = {
     "fedmedian": "neurofed.federated.strategies.FedMedian",
 }
 MEAN = "predict-the-mean"
+CENTRAL_SITE_BN = "centralized + per-site BN"
 
 
 def neurofed(*args: str) -> list[str]:
@@ -117,21 +127,24 @@ def run(cmd: list[str], log_path: Path) -> float:
 
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """CPU default vs the study's size on a GPU, for every option left unset."""
+    """CPU default vs the study's size on a GPU, for every option left unset.
+
+    Only sizes and the device are set here; the training recipe (learning rate, schedule, BatchNorm handling,
+    stopping) is that of the shipped configs, so the replication measures what a user gets.
+    """
     if args.full:
         defaults = {"scale": 1.0, "ms_fraction": 1.0, "split": [0.7, 0.15, 0.15], "resolution": 1.0, "spacing": 1.0,
-                    "shape": [160, 192, 160], "channels": [32, 64, 128, 256, 256, 64], "dropout": 0.5, "loss": "kl",
-                    "lr": 1e-3, "batch_size": 8, "num_workers": 8, "precision": "bf16-mixed", "accelerator": "cuda",
-                    "channels_last": True, "compile": True, "resident": True, "rounds": 40, "patience": 8}
+                    "shape": [160, 192, 160], "channels": [32, 64, 128, 256, 256, 64], "dropout": 0.5,
+                    "batch_size": 8, "num_workers": 8, "precision": "bf16-mixed", "accelerator": "cuda",
+                    "channels_last": True, "compile": True, "resident": True, "rounds": 40}
     else:
         # 4 mm input and four pooling blocks: the last feature map stays 3x3x3 (with five blocks it would
         # be 1x1x1 and BatchNorm would normalise across the subjects of a batch). A 30 % test split: the same
         # number of test subjects as 15 % of a cohort twice the size, at half the training cost.
         defaults = {"scale": 0.12, "ms_fraction": 1 / 3, "split": [0.55, 0.15, 0.30], "resolution": 2.0,
                     "spacing": 4.0, "shape": [48, 56, 48], "channels": [8, 16, 32, 64, 16], "dropout": 0.2,
-                    "loss": "l1", "lr": 1e-3, "batch_size": 8, "num_workers": 0, "precision": "32-true",
-                    "accelerator": "cpu", "channels_last": False, "compile": False, "resident": False, "rounds": 25,
-                    "patience": 8}
+                    "batch_size": None, "num_workers": 0, "precision": "32-true", "accelerator": "cpu",
+                    "channels_last": False, "compile": False, "resident": False, "rounds": None}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -141,16 +154,19 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def size_args(args: argparse.Namespace, seed: int) -> list[str]:
     """Overrides that make every run of the study use the same input size, width, precision and seed."""
+    extra = []
+    if args.rounds is not None:
+        extra += ["--trainer.rounds", str(args.rounds)]
+    if args.batch_size is not None:
+        extra += ["--data.batch_size", str(args.batch_size)]
     return [
         "--seed_everything", str(seed), "--data.split_seed", str(42 + seed), "--data.split", json.dumps(args.split),
         "--data.spacing", str(args.spacing), "--data.shape", json.dumps(args.shape),
-        "--data.batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
-        "--data.cache_dir", str(args.out / "cache"),
+        "--data.num_workers", str(args.num_workers), "--data.cache_dir", str(args.out / "cache"),
         "--trainer.default_root_dir", str(args.out / "runs"), "--trainer.enable_progress_bar", "false",
         "--trainer.precision", args.precision, "--trainer.accelerator", args.accelerator,
         "--trainer.compile", str(args.compile).lower(), "--data.resident", str(args.resident).lower(),
-        "--trainer.rounds", str(args.rounds), "--trainer.patience", str(args.patience),
-        "--trainer.lr_plateau_patience", str(max(2, args.patience // 2)),
+        "--trainer.overwrite", "true", *extra,
     ]
 
 
@@ -158,14 +174,16 @@ def brain_age_model_args(args: argparse.Namespace, norm: str = "batch") -> list[
     return [
         "--model.class_path", "neurofed.models.BrainAgeModule",
         "--model.init_args.channels", json.dumps(args.channels), "--model.init_args.norm", norm,
-        "--model.init_args.dropout", str(args.dropout), "--model.init_args.loss", args.loss,
-        "--model.init_args.lr", str(args.lr), "--model.init_args.channels_last", str(args.channels_last).lower(),
+        "--model.init_args.dropout", str(args.dropout),
+        "--model.init_args.channels_last", str(args.channels_last).lower(),
     ]
 
 
 def synth(args: argparse.Namespace, folder: str, sites: list[str], subjects: int, seed: int, log: Path,
-          cohort: str | None = None, site_effect: float = 1.0) -> float:
+          cohort: str | None = None, site_effect: float = 1.0, age_ranges: str | None = None) -> float:
     extra = ["--cohort", cohort] if cohort else []
+    if age_ranges:
+        extra += ["--age-ranges", age_ranges]
     return run(neurofed("synth", "--out", str(args.out / folder), "--sites", ",".join(sites), *extra,
                         "--subjects", str(subjects), "--resolution", str(args.resolution), "--seed", str(seed),
                         "--site-effect", str(site_effect), "--no-progress"), log)
@@ -197,6 +215,38 @@ def read_test_predictions(roots: list[str], run_name: str, label: str) -> tuple[
     return rows, float(np.mean(train))
 
 
+def site_bn_predictions(checkpoint: Path, roots: list[str], args: argparse.Namespace, seed: int,
+                        label: str = "age") -> list[dict]:
+    """Test predictions of a checkpoint at each root with BatchNorm statistics of that root's training scans.
+
+    The control "centralized + per-site BN": the same weights, only the normalisation statistics change, so
+    the gap between it and the centralized model is what per-site normalisation alone is worth.
+    """
+    import torch
+
+    from neurofed.data import BrainMRIDataModule
+    from neurofed.federated.precise_bn import recompute_batchnorm, statistics_loader
+    from neurofed.models import BrainAgeModule
+
+    rows = []
+    for root in roots:
+        model = BrainAgeModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
+        data = BrainMRIDataModule(root=root, label=label, spacing=args.spacing, shape=args.shape,
+                                  split=args.split, split_seed=42 + seed, cache_dir=str(args.out / "cache"),
+                                  batch_size=args.batch_size or 8, num_workers=0, augment=False)
+        data.setup("fit")
+        recompute_batchnorm(model, statistics_loader(data.train_dataloader()), data)
+        model.eval()
+        with torch.no_grad():
+            for batch in data.test_dataloader():
+                pred = model(model._image(batch)).float()
+                for i, target in enumerate(batch["target"].tolist()):
+                    rows.append({"site": Path(root).name, "subject": batch["participant_id"][i],
+                                 "session": batch["session"][i] or "n/a", "target": float(target),
+                                 "prediction": float(pred[i])})
+    return rows
+
+
 def metrics(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     err = pred - target
     r = float(np.corrcoef(target, pred)[0, 1]) if target.size > 2 and np.std(pred) > 0 else math.nan
@@ -205,13 +255,16 @@ def metrics(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "r": r, "r2": 1 - float(np.sum(err ** 2)) / ss if ss > 0 else math.nan}
 
 
-def collect(task: str, models: dict[str, dict[int, str]], roots: list[str], label: str) -> dict:
+def collect(task: str, models: dict[str, dict[int, str]], roots: list[str], label: str,
+            extra: dict[str, dict[int, list[dict]]] | None = None) -> dict:
     """Align every model's test predictions of one task on (seed, site, subject, session), add predict-the-mean.
 
-    ``models``: model name -> seed -> run name. Returns keys, per-scan targets, predictions per model, strata and
-    clusters for the bootstrap."""
-    keys, target, strata, clusters = [], [], [], []
-    preds: dict[str, list[float]] = {m: [] for m in [*models, MEAN]}
+    ``models``: model name -> seed -> run name; ``extra``: model name -> seed -> prediction rows computed by
+    the benchmark itself (controls and references). Returns keys, per-scan targets, predictions per model,
+    strata, clusters and seeds for the bootstrap."""
+    extra = extra or {}
+    keys, target, strata, clusters, groups = [], [], [], [], []
+    preds: dict[str, list[float]] = {m: [] for m in [*models, *extra, MEAN]}
     seeds = sorted({s for runs in models.values() for s in runs})
     for seed in seeds:
         per_model, means = {}, {}
@@ -220,6 +273,8 @@ def collect(task: str, models: dict[str, dict[int, str]], roots: list[str], labe
                 raise ValueError(f"{task}: model {model!r} has no run for seed {seed}")
             rows, means[model] = read_test_predictions(roots, runs[seed], label)
             per_model[model] = {(r["site"], r["subject"], r["session"]): r for r in rows}
+        for model, by_seed in extra.items():
+            per_model[model] = {(r["site"], r["subject"], r["session"]): r for r in by_seed[seed]}
         first = next(iter(per_model.values()))
         for model, table in per_model.items():
             if set(table) != set(first):
@@ -230,15 +285,17 @@ def collect(task: str, models: dict[str, dict[int, str]], roots: list[str], labe
             target.append(first[key]["target"])
             strata.append(f"{seed}/{key[0]}")
             clusters.append(f"{seed}/{key[0]}/{key[1]}")
-            for model in models:
+            groups.append(seed)
+            for model in per_model:
                 preds[model].append(per_model[model][key]["prediction"])
             preds[MEAN].append(mean)
     return {"task": task, "keys": keys, "target": np.asarray(target), "strata": strata, "clusters": clusters,
-            "preds": {m: np.asarray(p) for m, p in preds.items()}, "seeds": seeds}
+            "groups": groups, "preds": {m: np.asarray(p) for m, p in preds.items()}, "seeds": seeds}
 
 
 def summarize(data: dict, comparisons: list[tuple[str, str]], n_boot: int) -> dict:
-    """Per seed and site metrics, MAE mean ± SD over seeds, pooled MAE and differences with intervals."""
+    """Per seed and site metrics, MAE mean ± SD over seeds, pooled MAE and differences with intervals that
+    resample seeds and subjects."""
     seeds = np.asarray([k[0] for k in data["keys"]])
     sites = np.asarray([k[1] for k in data["keys"]])
     target = data["target"]
@@ -251,7 +308,7 @@ def summarize(data: dict, comparisons: list[tuple[str, str]], n_boot: int) -> di
                 rows.append({"task": data["task"], "model": model, "seed": seed, "site": site,
                              **metrics(target[sel], pred[sel]),
                              "baseline_mae": float(np.mean(np.abs(data["preds"][MEAN][sel] - target[sel])))})
-    weights = BootstrapWeights(data["clusters"], data["strata"], n_boot=n_boot, seed=0)
+    weights = BootstrapWeights(data["clusters"], data["strata"], n_boot=n_boot, seed=0, groups=data["groups"])
     abs_err = {m: np.abs(p - target) for m, p in data["preds"].items()}
     models = {}
     for model in data["preds"]:
@@ -261,47 +318,42 @@ def summarize(data: dict, comparisons: list[tuple[str, str]], n_boot: int) -> di
                          "pooled": weights.mae(abs_err[model]),
                          "r": metrics(target, data["preds"][model])["r"]}
     diffs = [(a, b, weights.mae_difference(abs_err[a], abs_err[b])) for a, b in comparisons]
-    return {"rows": rows, "models": models, "diffs": diffs, "n_scans": int(target.size),
+    ratios = [(a, b, weights.mae_ratio(abs_err[a], abs_err[b])) for a, b in comparisons if b != MEAN]
+    return {"rows": rows, "models": models, "diffs": diffs, "ratios": ratios, "n_scans": int(target.size),
             "n_per_seed": [int(np.sum(seeds == s)) for s in data["seeds"]],
             "n_subjects": len(set(data["clusters"])),
             "n_unique_subjects": len({(k[1], k[2]) for k in data["keys"]})}
 
 
-def summary_markdown(title: str, summary: dict, reference: str | None = None) -> list[str]:
-    seeds = len(next(iter(summary["models"].values()))["mae_seeds"])
-    md = [f"### {title}", "",
-          (f"{summary['n_scans']} test scans pooled over {seeds} seed(s) and the sites (per seed: "
-          f"{', '.join(map(str, summary['n_per_seed']))}; {summary['n_unique_subjects']} distinct subjects)."), "",
-          "| model | MAE per seed, mean ± SD | MAE, all seeds pooled [95 % CI] | r |", "|---|---|---|---|"]
-    for model, m in summary["models"].items():
-        sd = "" if math.isnan(m["mae_sd"]) else f" ± {m['mae_sd']:.2f}"
-        r = "" if model == MEAN or math.isnan(m["r"]) else f"{m['r']:.2f}"
-        md.append(f"| {model} | {m['mae_mean']:.2f}{sd} | {m['pooled'].format()} | {r} |")
-    md += ["", "| comparison | ΔMAE (A − B) [95 % CI] | interval excludes zero |", "|---|---|---|"]
-    for a, b, ci in summary["diffs"]:
-        verdict = ("yes: A lower" if ci.high < 0 else "yes: A higher") if ci.excludes_zero else "no"
-        md.append(f"| {a} − {b} | {ci.format()} | {verdict} |")
-    if reference:
-        md += ["", reference]
-    return md + [""]
+def stability(history_path: Path, warmup: int) -> dict[str, float]:
+    """Rounds run, best round, and the largest rise of the pooled validation loss over the best of the rounds
+    before it, counted after the warm-up (``max_rise``, a fraction: 0.15 = 15 % above the best so far)."""
+    losses = [row["val/pooled/loss"] for row in json.loads(history_path.read_text())]
+    rises = [losses[r] / min(losses[:r]) - 1 for r in range(max(warmup, 1), len(losses))]
+    return {"rounds": len(losses), "best_round": int(np.argmin(losses)) + 1, "best": float(min(losses)),
+            "last": float(losses[-1]), "max_rise": float(max(rises)) if rises else 0.0}
 
 
-def write_tables(out: Path, summaries: dict[str, dict]) -> None:
+def write_tables(results: Path, summaries: dict[str, dict]) -> None:
     fields = ["task", "model", "seed", "site", "n", "mae", "rmse", "r", "r2", "baseline_mae"]
     lines = ["\t".join(fields)]
     for summary in summaries.values():
         for row in summary["rows"]:
             lines.append("\t".join(str(row[f]) if f in ("task", "model", "seed", "site") else
                                    f"{row[f]:.3f}" for f in fields))
-    (out / "results.tsv").write_text("\n".join(lines) + "\n")
-    lines = ["task\tmodel_a\tmodel_b\tdelta_mae\tlow\thigh\texcludes_zero"]
+    (results / "results.tsv").write_text("\n".join(lines) + "\n")
+    lines = ["task\tkind\tmodel_a\tmodel_b\testimate\tlow\thigh\texcludes_zero\tseed_values\tr"]
     for task, summary in summaries.items():
-        for a, b, ci in summary["diffs"]:
-            lines.append(f"{task}\t{a}\t{b}\t{ci.estimate:.3f}\t{ci.low:.3f}\t{ci.high:.3f}\t{ci.excludes_zero}")
         for model, m in summary["models"].items():
             ci = m["pooled"]
-            lines.append(f"{task}\t{model}\t\t{ci.estimate:.3f}\t{ci.low:.3f}\t{ci.high:.3f}\t")
-    (out / "comparisons.tsv").write_text("\n".join(lines) + "\n")
+            seeds = ",".join(f"{v:.3f}" for v in m["mae_seeds"])
+            lines.append(f"{task}\tmae\t{model}\t\t{ci.estimate:.3f}\t{ci.low:.3f}\t{ci.high:.3f}\t\t{seeds}\t"
+                         f"{m['r']:.3f}")
+        for kind, entries in (("difference", summary["diffs"]), ("ratio", summary["ratios"])):
+            for a, b, ci in entries:
+                lines.append(f"{task}\t{kind}\t{a}\t{b}\t{ci.estimate:.3f}\t{ci.low:.3f}\t{ci.high:.3f}\t"
+                             f"{ci.excludes_zero if kind == 'difference' else ci.low > 1 or ci.high < 1}\t\t")
+    (results / "comparisons.tsv").write_text("\n".join(lines) + "\n")
 
 
 def scatter_first_seed(data: dict, names: dict[str, str], seed: int, out: Path) -> None:
@@ -321,26 +373,45 @@ def scatter_first_seed(data: dict, names: dict[str, str], seed: int, out: Path) 
                                   run=f"{name}_s{seed}", split="test")
 
 
+def finished(roots: list[str], name: str, label: str) -> bool:
+    """Whether run ``name`` wrote its predictions at every root."""
+    return all((Path(r) / DERIVATIVE_DIR / RUNS_DIR / run_folder(name) / f"desc-{label}_predictions.tsv").is_file()
+               for r in roots)
+
+
+def warmup_rounds(config: Path) -> int:
+    """The warm-up of the config's learning-rate schedule (0 without one): stability is counted after it."""
+    import yaml
+
+    schedule = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("lr_schedule") or {}
+    return int(schedule.get("warmup_rounds", 0))
+
+
 # ---------------------------------------------------------------------------------------------------- study
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "replication")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results" / "replication",
+                        help="where the results files go (small text files and figures)")
     parser.add_argument("--full", action="store_true", help="study sizes, 1 mm, full-width SFCN, bf16, GPU")
     parser.add_argument("--scale", type=float, default=None, help="fraction of the study's subject counts")
     parser.add_argument("--ms-fraction", type=float, default=None,
                         help="MS cohorts as a fraction of the scaled study (CPU default 1/3, --full 1)")
-    parser.add_argument("--strategies", default="fedavg,fedbn,fedprox",
+    parser.add_argument("--strategies", default="fedavg,fedbn",
                         help=f"comma-separated, from {', '.join(STRATEGIES)}; the first gives SDMT its backbone")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="default: the config's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--split", type=lambda t: [float(x) for x in t.split(",")], default=None,
                         help="train,val,test fractions of each site's subjects (CPU default 0.55,0.15,0.30)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (split + initialisation)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (split + initialisation)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; also the synthetic cohorts' seed")
     parser.add_argument("--site-effect", type=float, default=1.0, help="scale of the scanner differences")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
+    parser.add_argument("--no-sdmt", action="store_true", help="brain age only")
     parser.add_argument("--skip-synth", action="store_true", help="reuse the sites already under --out")
+    parser.add_argument("--resume", action="store_true", help="skip runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables of finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the steps' commands, run nothing")
     args = apply_defaults(parser.parse_args())
@@ -353,6 +424,7 @@ def main() -> None:
         if s not in STRATEGIES:
             sys.exit(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
     seeds = list(range(args.seed, args.seed + args.seeds))
+    brain_config = REPO / "configs" / "brain_age_cpu.yaml"
 
     healthy_mean = round(args.scale * HEALTHY_STUDY / 3)
     ms_mean = max(round(args.scale * args.ms_fraction * MS_STUDY / 3), 20)
@@ -361,117 +433,108 @@ def main() -> None:
     timings_path = args.out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     start = time.perf_counter()
-    if not (args.skip_synth or args.report_only):
+    if not (args.skip_synth or args.report_only or args.resume):
         timings = {}
         if not args.dry_run:
             for folder in ("sites", "sites_ms", "runs", "cache"):
                 shutil.rmtree(args.out / folder, ignore_errors=True)
         timings["synth healthy"] = synth(args, "sites", HEALTHY, healthy_mean, args.seed, logs / "synth_healthy.log",
                                          site_effect=args.site_effect)
-        timings["synth ms"] = synth(args, "sites_ms", MS, ms_mean, args.seed + 1, logs / "synth_ms.log", cohort="ms",
-                                    site_effect=args.site_effect)
+        if not args.no_sdmt:
+            timings["synth ms"] = synth(args, "sites_ms", MS, ms_mean, args.seed + 1, logs / "synth_ms.log",
+                                        cohort="ms", site_effect=args.site_effect)
 
     names = {"centralized": "central", **{f"federated {s}": f"federated_{s}" for s in strategies}}
     if not args.report_only:
         for seed in seeds:
-            base = ["--config", str(REPO / "configs" / "brain_age_cpu.yaml"), *size_args(args, seed),
-                    *brain_age_model_args(args)]
-            timings[f"seed {seed}: brain age centralized"] = run(
-                neurofed("fit", *base, "--data.root", json.dumps(healthy_roots),
-                         "--trainer.run_name", f"central_s{seed}"), logs / f"central_s{seed}.log")
+            base = ["--config", str(brain_config), *size_args(args, seed), *brain_age_model_args(args)]
+            steps = [("brain age centralized", "central", neurofed("fit", *base, "--data.root", json.dumps(healthy_roots),
+                                                                    "--trainer.run_name", f"central_s{seed}"),
+                      healthy_roots)]
             for s in strategies:
-                timings[f"seed {seed}: brain age {s}"] = run(
-                    neurofed("simulate", "--roots", ",".join(healthy_roots), "fit", *base,
-                             "--trainer.strategy.class_path", STRATEGIES[s], "--trainer.run_name",
-                             f"federated_{s}_s{seed}"), logs / f"federated_{s}_s{seed}.log")
+                steps.append((f"brain age {s}", f"federated_{s}", neurofed(
+                    "simulate", "--roots", ",".join(healthy_roots), "fit", *base,
+                    "--trainer.strategy.class_path", STRATEGIES[s], "--trainer.run_name", f"federated_{s}_s{seed}"),
+                    healthy_roots))
             ckpt = args.out / "runs" / f"federated_{strategies[0]}_s{seed}" / "site-0" / "best.ckpt"
-            for transfer, config in (("deep", "sdmt_deep_cpu.yaml"), ("shallow", "sdmt_shallow_cpu.yaml")):
-                timings[f"seed {seed}: sdmt {transfer}"] = run(
-                    neurofed("simulate", "--roots", ",".join(ms_roots), "fit", "--config",
-                             str(REPO / "configs" / config), *size_args(args, seed),
-                             "--model.init_args.brain_age_checkpoint", str(ckpt),
-                             "--model.init_args.channels_last", str(args.channels_last).lower(),
-                             "--trainer.run_name", f"sdmt_{transfer}_s{seed}"), logs / f"sdmt_{transfer}_s{seed}.log")
+            for transfer, config in (() if args.no_sdmt else (("deep", "sdmt_deep_cpu.yaml"),
+                                                              ("shallow", "sdmt_shallow_cpu.yaml"))):
+                steps.append((f"sdmt {transfer}", f"sdmt_{transfer}", neurofed(
+                    "simulate", "--roots", ",".join(ms_roots), "fit", "--config", str(REPO / "configs" / config),
+                    *size_args(args, seed), "--model.init_args.brain_age_checkpoint", str(ckpt),
+                    "--model.init_args.channels_last", str(args.channels_last).lower(),
+                    "--trainer.run_name", f"sdmt_{transfer}_s{seed}"), ms_roots))
+            for title, name, cmd, roots in steps:
+                label = "sdmt" if name.startswith("sdmt") else "age"
+                if args.resume and finished(roots, f"{name}_s{seed}", label):
+                    continue
+                timings[f"seed {seed}: {title}"] = run(cmd, logs / f"{name}_s{seed}.log")
             timings_path.write_text(json.dumps(timings, indent=1))
         if args.dry_run:
             return
         timings["total (this invocation)"] = time.perf_counter() - start
         timings["CPU time of all steps (user + system)"] = sum(CPU_SECONDS.values())
         timings_path.write_text(json.dumps(timings, indent=1))
+    report(args, seeds, strategies, names, healthy_roots, ms_roots, timings, brain_config)
 
-    # An interrupted study is reported from what finished: the seeds of which the centralized run finished,
-    # and the models that finished on every one of those seeds (the table says which are missing).
-    def finished(roots: list[str], name: str, label: str) -> bool:
-        return all((Path(r) / DERIVATIVE_DIR / RUNS_DIR / run_folder(name) / f"desc-{label}_predictions.tsv").is_file()
-                   for r in roots)
 
+def report(args: argparse.Namespace, seeds: list[int], strategies: list[str], names: dict[str, str],
+           healthy_roots: list[str], ms_roots: list[str], timings: dict[str, float], brain_config: Path) -> None:
+    """Tables, stability and figures of the finished runs, into ``args.results``; an interrupted study is
+    reported from what finished (the seeds of which the centralized run finished, and the models that finished
+    on every one of those seeds), and ``meta.json`` says what is missing."""
     done = [seed for seed in seeds if finished(healthy_roots, f"central_s{seed}", "age")]
     if not done:
         sys.exit("no seed has finished its centralized run yet")
     models = {m: n for m, n in names.items() if all(finished(healthy_roots, f"{n}_s{s}", "age") for s in done)}
     missing = [m for m in names if m not in models]
-    brain = collect("brain age", {m: {s: f"{n}_s{s}" for s in done} for m, n in models.items()}, healthy_roots, "age")
+    t0 = time.perf_counter()
+    control = {CENTRAL_SITE_BN: {s: site_bn_predictions(args.out / "runs" / f"central_s{s}" / "site-0" / "best.ckpt",
+                                                         healthy_roots, args, s) for s in done}}
+    timings["control: centralized + per-site BN, all seeds"] = time.perf_counter() - t0
+    brain = collect("brain age", {m: {s: f"{n}_s{s}" for s in done} for m, n in models.items()}, healthy_roots,
+                    "age", extra=control)
     fed = [m for m in models if m != "centralized"]
-    summaries = {"brain age": summarize(
-        brain, [(f, "centralized") for f in fed] + [(m, MEAN) for m in models], args.n_boot)}
+    comparisons = [(f, "centralized") for f in fed] + [(CENTRAL_SITE_BN, "centralized")]
+    comparisons += [(f, CENTRAL_SITE_BN) for f in fed] + [(m, MEAN) for m in [*models, CENTRAL_SITE_BN]]
+    summaries = {"brain age": summarize(brain, comparisons, args.n_boot)}
     sdmt_done = [s for s in done if all(finished(ms_roots, f"sdmt_{t}_s{s}", "sdmt") for t in ("deep", "shallow"))]
     if sdmt_done:
         sdmt = collect("sdmt", {t: {s: f"sdmt_{t}_s{s}" for s in sdmt_done} for t in ("deep", "shallow")},
                        ms_roots, "sdmt")
         summaries["sdmt"] = summarize(sdmt, [("deep", "shallow"), ("deep", MEAN), ("shallow", MEAN)], args.n_boot)
-    else:
+    elif not args.no_sdmt:
         missing.append("sdmt deep and shallow")
-    write_tables(args.out, summaries)
+    results = args.results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    write_tables(results, summaries)
 
-    md = [(f"## Replication (seeds {', '.join(map(str, done))} of {', '.join(map(str, seeds))}; site effect "
-           f"{args.site_effect}; {'--full' if args.full else 'CPU default'})"), "",
-          ("Intervals: paired, stratified (seed × site) cluster bootstrap over test subjects, "
-           f"{args.n_boot} replicates, MAE over all seeds' test scans pooled. Predict-the-mean: each seed's "
-           "pooled training-label mean."), ""]
-    if missing or len(done) < len(seeds):
-        md += [f"**Incomplete study:** not finished on every reported seed: {', '.join(missing) or 'none'}; "
-               f"seeds not reported: {', '.join(str(s) for s in seeds if s not in done) or 'none'}"
-               + (f"; SDMT from seeds {', '.join(map(str, sdmt_done))} only" if sdmt_done and sdmt_done != done
-                  else "") + ".", ""]
-    md += summary_markdown("Brain age (years)", summaries["brain age"],
-                           "Reference study: federated 6.08 vs centralized 7.02.")
-    if "sdmt" in summaries:
-        md += summary_markdown(f"SDMT, transfer from the federated {strategies[0]} brain-age model (points)",
-                               summaries["sdmt"], "Reference study: deep 9.19 vs shallow 11.05.")
-    md += ["### Per site (MAE pooled over seeds; predict-the-mean in brackets)", "",
-           "| task | model | " + " | ".join(HEALTHY) + " | " + " | ".join(MS) + " |",
-           "|---|---|" + "---|" * 6]
-    for task, summary in summaries.items():
-        data = brain if task == "brain age" else sdmt
-        sites = np.asarray([k[1] for k in data["keys"]])
-        for model in summary["models"]:
-            if model == MEAN:
-                continue
-            cells = []
-            for site in HEALTHY + MS:
-                sel = sites == site
-                if not sel.any():
-                    cells.append("")
-                    continue
-                mae = np.mean(np.abs(data["preds"][model][sel] - data["target"][sel]))
-                base = np.mean(np.abs(data["preds"][MEAN][sel] - data["target"][sel]))
-                cells.append(f"{mae:.2f} ({base:.2f}), n={int(sel.sum())}")
-            md.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
-    md += ["", "| step | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in timings.items()]
-    (args.out / "table.md").write_text("\n".join(md) + "\n")
+    warmup = warmup_rounds(brain_config)
+    lines = ["task\trun\tseed\trounds\tbest_round\tbest\tlast\tmax_rise"]
+    curves = {}
+    for name in [*models.values(), *(["sdmt_deep", "sdmt_shallow"] if sdmt_done else [])]:
+        for seed in (sdmt_done if name.startswith("sdmt") else done):
+            history = args.out / "runs" / f"{name}_s{seed}" / "history.json"
+            st = stability(history, warmup)
+            lines.append(f"{'sdmt' if name.startswith('sdmt') else 'brain age'}\t{name}\t{seed}\t{st['rounds']}\t"
+                         f"{st['best_round']}\t{st['best']:.3f}\t{st['last']:.3f}\t{st['max_rise']:.4f}")
+            if seed == done[0] and not name.startswith("sdmt"):
+                curves[name] = [row["val/pooled/loss"] for row in json.loads(history.read_text())]
+    (results / "stability.tsv").write_text("\n".join(lines) + "\n")
 
     from neurofed.plots import loss_per_round
 
-    curves = {}
-    for run_dir in sorted((args.out / "runs").iterdir()):
-        history = run_dir / "history.json"
-        if history.is_file() and not run_dir.name.startswith("sdmt") and run_dir.name.endswith(f"_s{done[0]}"):
-            curves[run_dir.name] = [row["val/pooled/loss"] for row in json.loads(history.read_text())]
-    if curves:
-        loss_per_round(curves, args.out / "brain_age_val_loss.png", ylabel="pooled validation loss (L1, years)")
-    scatter_first_seed(brain, names, done[0], args.out)
-    print("\n".join(md))
-    print(f"\nwrote {args.out / 'results.tsv'}, {args.out / 'comparisons.tsv'}, {args.out / 'table.md'}")
+    loss_per_round(curves, results / "brain_age_val_loss.png", ylabel="pooled validation loss (L1, years)",
+                   run=f"seed {done[0]}")
+    scatter_first_seed(brain, {m: n for m, n in names.items() if m in models}, done[0], results)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "results", "dry_run", "report_only")}
+    write_meta(results, done, settings=settings, strategies=strategies, missing=missing,
+               sdmt_seeds=sdmt_done, warmup_rounds=warmup,
+               minutes={k: round(v / 60, 2) for k, v in timings.items()},
+               test_scans={task: s["n_per_seed"] for task, s in summaries.items()},
+               distinct_test_subjects={task: s["n_unique_subjects"] for task, s in summaries.items()})
+    print(f"wrote {results}/: results.tsv, comparisons.tsv, stability.tsv, meta.json, figures")
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py")], cwd=REPO, check=False)
 
 
 if __name__ == "__main__":

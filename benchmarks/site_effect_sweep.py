@@ -1,20 +1,23 @@
-"""Where FedAvg breaks: brain-age test MAE against the scale of the scanner differences between sites.
+"""Where FedAvg breaks: brain-age test MAE against the scale of the scanner differences, and under label shift.
 
 For each ``--site-effect`` scale (default 0, 0.5, 1, 2: 0 = every site the same scanner, 1 = the published
 between-scanner differences of ``docs/synthetic_data.md``, 2 = twice them) the three healthy sites are generated
-again (same subjects, same seed; only the scanners change) and four models are trained with the replication's
-CPU settings (``benchmarks/replication.py``: 4 mm input, quarter-width SFCN, L1, up to 25 rounds, patience 8)
-on cohorts of the demo's size (``--subjects 40`` per site on average: IXI 41, SALD 34, Cam-CAN 45), so that a
-user can rerun it for their own question in about 20 minutes on an idle 2-core machine:
+again (same subjects, same seed; only the scanners change), plus one setting where the sites share one scanner
+but differ in the ages they scanned (label shift: ``--age-shift``, default IXI 18–45, SALD 40–65, Cam-CAN
+60–88 years). On cohorts of the demo's size (``--subjects 40`` per site on average) the replication's CPU
+settings and the shipped recipe (``configs/brain_age_cpu.yaml``) train:
 
 - centralized (one site holding the three roots);
-- FedAvg with the BatchNorm SFCN;
-- FedBN (BatchNorm layers stay local: each site keeps its own normalisation statistics and affine parameters);
-- FedAvg with a GroupNorm SFCN (``--model.init_args.norm group``: no batch statistics to disagree about).
+- the control "centralized + per-site BN": the centralized model, BatchNorm statistics re-estimated at each
+  site, no training (what per-site normalisation alone is worth);
+- FedAvg with the BatchNorm SFCN (its statistics stay local and are re-estimated each round: ``precise_bn``);
+- FedBN (BatchNorm layers stay local: statistics and affine parameters);
+- FedAvg with a GroupNorm SFCN (``--model.init_args.norm group``: no batch statistics at all).
 
-Each point is the pooled test MAE (all sites, all seeds); error bars are the 95 % paired cluster bootstrap
-interval over test subjects (``neurofed.stats``). Outputs: ``sweep.tsv`` under ``--out`` and the plot (and a copy
-of the table) under ``--plot-dir`` (default ``docs/results/``).
+Each point is the pooled test MAE (all sites, all seeds); error bars and the differences to centralized are
+95 % paired hierarchical bootstrap intervals that resample seeds and test subjects (``neurofed.stats``). Outputs:
+the runs under ``--out``; ``sweep.tsv``, ``meta.json`` and the plot under ``--results`` (default
+``docs/results/site_effect_sweep/``).
 
     python benchmarks/site_effect_sweep.py --out results/site_effect_sweep
     python benchmarks/site_effect_sweep.py --out results/site_effect_sweep --report-only
@@ -26,7 +29,9 @@ import argparse
 import copy
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import replication as rep
+from provenance import write_meta
 
 METHODS = {  # name -> (strategy or None for centralized, norm)
     "centralized": (None, "batch"),
@@ -41,84 +47,75 @@ METHODS = {  # name -> (strategy or None for centralized, norm)
     "FedBN": ("fedbn", "batch"),
     "FedAvg + GroupNorm": ("fedavg", "group"),
 }
+AGE_SHIFT = "18-45,40-65,60-88"
 
 
-def run_name(method: str, seed: int, replication: bool = False) -> str:
-    """The run's name; ``replication``: the name ``benchmarks/replication.py`` gives the same run."""
+def run_name(method: str, seed: int) -> str:
     names = {"centralized": "central", "FedAvg": "fedavg", "FedBN": "fedbn", "FedAvg + GroupNorm": "fedavg_gn"}
-    if replication and method in ("FedAvg", "FedBN"):
-        return f"federated_{names[method]}_s{seed}"
     return f"{names[method]}_s{seed}"
-
-
-def rounds_run(runs_dir: Path, runs: dict[int, str]) -> str:
-    """``rounds/best round`` of each seed's run (early stopping shows as rounds below the maximum)."""
-    out = []
-    for name in runs.values():
-        path = runs_dir / name / "history.json"
-        if path.is_file():
-            losses = [row["val/pooled/loss"] for row in json.loads(path.read_text())]
-            out.append(f"{len(losses)}/{int(np.argmin(losses)) + 1}")
-    return ",".join(out)
 
 
 def finished(roots: list[str], name: str) -> bool:
     """Whether run ``name`` wrote its predictions at every site."""
-    return all((Path(r) / rep.DERIVATIVE_DIR / rep.RUNS_DIR / rep.run_folder(name) / "desc-age_predictions.tsv")
-               .is_file() for r in roots)
+    return rep.finished(roots, name, "age")
+
+
+def conditions(args: argparse.Namespace) -> list[dict]:
+    """The settings to sweep: one per scanner-difference scale, and the label-shift setting."""
+    out = [{"name": f"scanner {e:g}", "folder": f"effect-{e:g}", "site_effect": e, "age_ranges": None}
+           for e in (float(x) for x in args.effects.split(",") if x.strip())]
+    if args.age_shift:
+        out.append({"name": "age shift", "folder": "age-shift", "site_effect": 0.0, "age_ranges": args.age_shift})
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=rep.REPO / "results" / "site_effect_sweep")
-    parser.add_argument("--plot-dir", type=Path, default=rep.REPO / "docs" / "results")
+    parser.add_argument("--results", type=Path, default=rep.REPO / "docs" / "results" / "site_effect_sweep")
     parser.add_argument("--effects", default="0,0.5,1,2", help="comma-separated --site-effect scales")
+    parser.add_argument("--age-shift", default=AGE_SHIFT,
+                        help="age ranges of the label-shift setting (one scanner), one per site; '' to skip it")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--subjects", type=int, default=40,
                         help="mean subjects per site (reference proportions); default 40, the demo's size")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=2000)
-    parser.add_argument("--replication", type=Path, default=None,
-                        help="a replication.py --out folder whose healthy sites have this --subjects and --seed (site effect 1): "
-                             "at scale 1 its sites and its centralized, FedAvg and FedBN runs are used instead of "
-                             "new ones, and only the missing methods are trained there")
     parser.add_argument("--resume", action="store_true",
-                        help="keep sites already generated for a scale and skip runs that already finished")
+                        help="keep sites already generated for a setting and skip runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     args.scale, args.split = None, None
     args.full, args.ms_fraction = False, None
     args = rep.apply_defaults(args)
-    effects = [float(e) for e in args.effects.split(",") if e.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             sys.exit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     seeds = list(range(args.seed, args.seed + args.seeds))
-    subjects = args.subjects
-    timings: dict[str, float] = {}
+    timings_path = args.out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     rows = []
-    for effect in effects:
+    for cond in conditions(args):
         sub = copy.copy(args)
-        reuse = args.replication is not None and effect == 1.0
-        sub.out = args.replication.resolve() if reuse else args.out / f"effect-{effect:g}"
+        sub.out = args.out / cond["folder"]
         roots = [str(sub.out / "sites" / s) for s in rep.HEALTHY]
         logs = sub.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        names = {m: {s: run_name(m, s, replication=reuse) for s in seeds} for m in methods}
+        names = {m: {s: run_name(m, s) for s in seeds} for m in methods}
         if not args.report_only:
             have_sites = all((Path(r) / "participants.tsv").is_file() for r in roots)
-            if not reuse and not (args.resume and have_sites):
+            if not (args.resume and have_sites):
                 for folder in ("sites", "runs", "cache"):
                     shutil.rmtree(sub.out / folder, ignore_errors=True)
-                timings[f"{effect:g}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, subjects, args.seed,
-                                                          logs / "synth.log", site_effect=effect)
+                timings[f"{cond['name']}: synth"] = rep.synth(sub, "sites", rep.HEALTHY, args.subjects, args.seed,
+                                                              logs / "synth.log", site_effect=cond["site_effect"],
+                                                              age_ranges=cond["age_ranges"])
             for seed in seeds:
                 for method in methods:
-                    if reuse and method != "FedAvg + GroupNorm":
-                        continue  # the replication's own run (it may still be running)
                     if args.resume and finished(roots, names[method][seed]):
                         continue
                     strategy, norm = METHODS[method]
@@ -129,70 +126,78 @@ def main() -> None:
                     else:
                         cmd = rep.neurofed("simulate", "--roots", ",".join(roots), "fit", *base,
                                            "--trainer.strategy.class_path", rep.STRATEGIES[strategy])
-                    timings[f"{effect:g}: {method} seed {seed}"] = rep.run(cmd, logs / f"{names[method][seed]}.log")
-            (sub.out / "sweep_timings.json").write_text(json.dumps(timings, indent=1))
+                    timings[f"{cond['name']}: {method} seed {seed}"] = rep.run(cmd, logs / f"{names[method][seed]}.log")
+                    timings_path.parent.mkdir(parents=True, exist_ok=True)
+                    timings_path.write_text(json.dumps(timings, indent=1))
         # Report the methods that finished on every seed (an interrupted sweep still plots what it has).
         ready = {m: runs for m, runs in names.items() if all(finished(roots, n) for n in runs.values())}
         if not ready:
-            print(f"site effect {effect:g}: no finished run yet")
+            print(f"{cond['name']}: no finished run yet")
             continue
         if len(ready) < len(names):
-            print(f"site effect {effect:g}: not finished: {', '.join(m for m in names if m not in ready)}")
-        data = rep.collect("brain age", ready, roots, "age")
-        summary = rep.summarize(data, [(m, "centralized") for m in ready if m != "centralized"
-                                       and "centralized" in ready], args.n_boot)
+            print(f"{cond['name']}: not finished: {', '.join(m for m in names if m not in ready)}")
+        extra = {}
+        if "centralized" in ready:
+            t0 = time.perf_counter()
+            extra[rep.CENTRAL_SITE_BN] = {
+                s: rep.site_bn_predictions(sub.out / "runs" / names["centralized"][s] / "site-0" / "best.ckpt",
+                                           roots, sub, s) for s in seeds}
+            timings[f"{cond['name']}: control, all seeds"] = time.perf_counter() - t0
+        data = rep.collect("brain age", ready, roots, "age", extra=extra)
+        others = [m for m in [*ready, *extra] if m != "centralized"]
+        summary = rep.summarize(data, [(m, "centralized") for m in others if "centralized" in ready], args.n_boot)
         for model, m in summary["models"].items():
             diff = next((ci for a, _, ci in summary["diffs"] if a == model), None)
-            rows.append({"site_effect": effect, "model": model, "n": summary["n_scans"],
-                         "rounds_best": rounds_run(sub.out / "runs", ready.get(model, {})),
+            ratio = next((ci for a, _, ci in summary["ratios"] if a == model), None)
+            stab = [rep.stability(sub.out / "runs" / n / "history.json", 0)["max_rise"]
+                    for n in ready.get(model, {}).values()]
+            rows.append({"setting": cond["name"], "site_effect": cond["site_effect"],
+                         "age_ranges": cond["age_ranges"] or "", "model": model, "n": summary["n_scans"],
                          "mae": m["pooled"].estimate, "low": m["pooled"].low, "high": m["pooled"].high,
-                         "mae_seed_sd": m["mae_sd"], "r": m["r"],
-                         "delta_vs_centralized": diff.format() if diff else "",
-                         "delta_excludes_zero": diff.excludes_zero if diff else ""})
+                         "mae_seeds": ",".join(f"{v:.3f}" for v in m["mae_seeds"]), "mae_seed_sd": m["mae_sd"],
+                         "r": m["r"],
+                         "delta": diff.estimate if diff else "", "delta_low": diff.low if diff else "",
+                         "delta_high": diff.high if diff else "", "ratio": ratio.estimate if ratio else "",
+                         "ratio_low": ratio.low if ratio else "", "ratio_high": ratio.high if ratio else "",
+                         "max_val_rise": max(stab) if stab else ""})
     if not rows:
-        sys.exit("no finished site-effect scale to report")
+        sys.exit("no finished setting to report")
     fields = list(rows[0])
     lines = ["\t".join(fields)] + ["\t".join(f"{r[f]:.3f}" if isinstance(r[f], float) else str(r[f])
                                              for f in fields) for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.tsv").write_text("\n".join(lines) + "\n")
-    args.plot_dir.mkdir(parents=True, exist_ok=True)
-    (args.plot_dir / "site_effect_sweep.tsv").write_text("\n".join(lines) + "\n")
-    plot(rows, args.plot_dir / "site_effect_sweep.png", len(seeds), args.rounds)
+    results = args.results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "sweep.tsv").write_text("\n".join(lines) + "\n")
+    plot(rows, results / "site_effect_sweep.png", len(seeds))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "results", "report_only")}
+    write_meta(results, seeds, settings=settings, minutes={k: round(v / 60, 2) for k, v in timings.items()})
     for line in lines:
         print(line)
-    print(f"\nwrote {args.out / 'sweep.tsv'} and {args.plot_dir / 'site_effect_sweep.png'}")
-    if timings:
-        print(json.dumps({k: round(v / 60, 1) for k, v in timings.items()}, indent=1))
+    print(f"\nwrote {results}/sweep.tsv, meta.json and site_effect_sweep.png")
+    subprocess.run([sys.executable, str(rep.REPO / "benchmarks" / "report.py")], cwd=rep.REPO, check=False)
 
 
-def stopped_early(row: dict, max_rounds: int) -> bool:
-    return any(int(part.split("/")[0]) < max_rounds for part in str(row.get("rounds_best", "")).split(",") if part)
-
-
-def plot(rows: list[dict], path: Path, n_seeds: int, max_rounds: int) -> Path:
-    """Pooled test MAE vs site-effect scale, one line per model; hollow markers: a run stopped early."""
+def plot(rows: list[dict], path: Path, n_seeds: int) -> Path:
+    """Pooled test MAE per setting, one marker per model, with its interval."""
     from neurofed.plots import _STYLE, COLUMN_WIDTH, _pyplot, _save
 
     plt = _pyplot()
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.2, 0.75 * COLUMN_WIDTH * 1.2))
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.6, 0.7 * COLUMN_WIDTH * 1.6))
         for k, model in enumerate(models):
-            pts = sorted((r for r in rows if r["model"] == model), key=lambda r: r["site_effect"])
-            x = np.asarray([r["site_effect"] for r in pts]) + (k - (len(models) - 1) / 2) * 0.03
-            y = np.asarray([r["mae"] for r in pts])
-            err = np.asarray([[r["mae"] - r["low"] for r in pts], [r["high"] - r["mae"] for r in pts]])
-            style = {"ls": ":", "color": "0.5"} if model == rep.MEAN else {"marker": "o", "ms": 3}
-            line = ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
-            early = [stopped_early(r, max_rounds) for r in pts]
-            if model != rep.MEAN and any(early):
-                ax.plot(x[early], y[early], "o", ms=5, mfc="white", mec=line[0].get_color(), zorder=3)
-        ax.set_xlabel("site-effect scale (0: one scanner, 1: published differences)")
+            pts = [next((r for r in rows if r["setting"] == s and r["model"] == model), None) for s in settings]
+            x = np.asarray([i for i, p in enumerate(pts) if p]) + (k - (len(models) - 1) / 2) * 0.1
+            pts = [p for p in pts if p]
+            y = np.asarray([p["mae"] for p in pts])
+            err = np.asarray([[p["mae"] - p["low"] for p in pts], [p["high"] - p["mae"] for p in pts]])
+            style = {"ls": ":", "color": "0.5"} if model == rep.MEAN else {"marker": "o", "ms": 3, "ls": "none"}
+            ax.errorbar(x, y, yerr=err, lw=1, capsize=2, label=model, **style)
+        ax.set_xticks(range(len(settings)), settings)
         ax.set_ylabel("pooled test MAE (years)")
-        ax.set_title(f"Brain age under scanner shift ({n_seeds} seed{'s' if n_seeds > 1 else ''}; 95 % bootstrap CI;\n"
-                     f"hollow: early-stopped before round {max_rounds})")
-        ax.legend(frameon=False)
+        ax.set_title(f"Brain age under scanner and label shift ({n_seeds} seeds; 95 % CI over seeds and subjects)")
+        ax.legend(frameon=False, fontsize="small")
     return _save(fig, path)
 
 

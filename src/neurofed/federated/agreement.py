@@ -49,7 +49,8 @@ def training_fingerprint(trainer: Any, model: Any, keys: list[str], resuming: bo
         "precision": str(trainer.precision),
         "stopping": f"patience={trainer.patience}, lr_plateau={trainer.lr_plateau_patience}x{trainer.lr_plateau_factor}, "
                     f"min_rounds={trainer.min_rounds}",
-        "schedule": f"{trainer.lr_schedule!r}, precise_bn={trainer.precise_bn}, clip={trainer.gradient_clip_val}",
+        "schedule": f"{trainer.lr_schedule!r}, precise_bn={trainer.precise_bn}, clip={trainer.gradient_clip_val}, "
+                    f"ema={trainer.ema_decay}",
         "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}",
         "resuming": str(bool(resuming)),
         "sample-level privacy": repr(getattr(trainer, "privacy", None)),

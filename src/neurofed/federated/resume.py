@@ -43,6 +43,8 @@ def resume(trainer: Any, round: int) -> None:
                             trainer.sampling().as_dict(), where=str(folder))
     trainer.state, trainer.global_step = restored.state, restored.global_step
     trainer.history_before_resume = restored.history
+    if trainer._average is not None and local.get("weight_average") is not None:
+        trainer._average.load_state_dict(local["weight_average"])
     if trainer.plateau is not None and restored.plateau is not None:
         trainer.plateau.load_state_dict(restored.plateau)
     if site.is_leader and (folder / ckpt.BEST_FILE).is_file():  # a crash may have come before publishing it

@@ -109,10 +109,11 @@ def shared_record(state: RoundState, global_weights: dict[str, Tensor], strategy
 
 
 def local_record(round: int, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
-                 global_step: int) -> dict[str, Any]:
-    """The record only this site holds (its whole model, optimizer and random state)."""
+                 global_step: int, weight_average: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record only this site holds (its whole model, optimizer, random state and weight average)."""
     return {"round": round, "model": {k: v.detach().cpu() for k, v in model_state.items()},
-            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step}
+            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step,
+            "weight_average": weight_average}
 
 
 @dataclass
@@ -160,7 +161,7 @@ def lightning_checkpoint(model: nn.Module, epoch: int, global_step: int) -> dict
 
     hparams = dict(getattr(model, "hparams", {}) or {})
     return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},  # a copy: the model moves on
         "hyper_parameters": hparams,
         "pytorch-lightning_version": lightning.__version__,
         "epoch": int(epoch),

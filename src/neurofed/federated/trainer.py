@@ -30,7 +30,7 @@ from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.lr_schedule import RoundSchedule, apply_round_lr
-from neurofed.federated.params import flatten, load_vector, unflatten
+from neurofed.federated.params import flatten, float_keys, load_vector, unflatten
 from neurofed.federated.precise_bn import batchnorm_statistics_keys, recompute_site_batchnorm
 from neurofed.federated.results import HISTORY_FILE, write_json
 from neurofed.federated.resume import committed_for, resume
@@ -39,6 +39,7 @@ from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
 from neurofed.federated.target_stats import share_target_stats
+from neurofed.federated.weight_average import WeightAverage
 
 __all__ = ["FederatedTrainer"]
 
@@ -83,6 +84,9 @@ class FederatedTrainer:
             split before the first round and after each aggregation, before the site validates and commits
             the round (:mod:`~neurofed.federated.precise_bn`). No effect on a model without BatchNorm.
         gradient_clip_val: Clip the gradient norm of each local step to this value; ``None`` does not clip.
+        ema_decay: Validate, keep and test an exponential moving average of the model over rounds
+            (:mod:`~neurofed.federated.weight_average`) instead of the round's own weights; training goes on
+            from the round's weights. ``None`` evaluates the round's model.
         federation: Where this site sits in the federation; default: one local site (centralized).
         logger: ``True`` for a CSV logger under ``default_root_dir/run_name/site-<rank>``, ``False`` for
             none, or Lightning logger(s) used as given (e.g. a WandbLogger set up by the CLI).
@@ -120,6 +124,7 @@ class FederatedTrainer:
         min_lr: float = 1e-6,
         precise_bn: bool = True,
         gradient_clip_val: float | None = None,
+        ema_decay: float | None = None,
         federation: Federation | None = None,
         logger: bool | Logger | list[Logger] = True,
         callbacks: list[Any] | None = None,
@@ -143,6 +148,8 @@ class FederatedTrainer:
         if sites_per_round is not None and not 1 <= sites_per_round <= fed.num_sites:
             raise SettingsError(f"FederatedTrainer: sites_per_round must be in 1..num_sites={fed.num_sites}, "
                                 f"got {sites_per_round}")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise SettingsError(f"FederatedTrainer: ema_decay must be in [0, 1), got {ema_decay}")
         if gradient_clip_val is not None and privacy is not None:
             raise SettingsError("FederatedTrainer: gradient_clip_val does not combine with DP-SGD (privacy), which "
                                 "clips each example's gradient itself (privacy.max_grad_norm)")
@@ -159,7 +166,8 @@ class FederatedTrainer:
         self.lr_schedule = lr_schedule
         warmup = lr_schedule.warmup_rounds if lr_schedule is not None else 0
         self.min_rounds = int(min_rounds) if min_rounds is not None else warmup
-        self.precise_bn, self.gradient_clip_val = bool(precise_bn), gradient_clip_val
+        self.precise_bn, self.gradient_clip_val, self.ema_decay = bool(precise_bn), gradient_clip_val, ema_decay
+        self._average: WeightAverage | None = None
         self.federation = fed
         self.default_root_dir, self.run_name, self.seed = default_root_dir, run_name or "run", int(seed)
         self.enable_progress_bar = enable_progress_bar
@@ -228,8 +236,8 @@ class FederatedTrainer:
         committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
         loaders = setup_fit(self, model, datamodule, train_dataloaders, val_dataloaders)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
+        local_statistics = batchnorm_statistics_keys(model)
         if self.precise_bn:  # each site's own statistics, re-estimated every round (precise_bn.py)
-            local_statistics = batchnorm_statistics_keys(model)
             keys = [k for k in keys if k not in local_statistics]
         if not keys:
             raise ValueError(f"{self.strategy!r} aggregates no entry of {type(model).__name__}; nothing to federate")
@@ -252,6 +260,8 @@ class FederatedTrainer:
         self.plateau = None if self.lr_plateau_patience is None else PlateauLR(
             site.optimizer, self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr)
         self.history_before_resume = []
+        self._average = None if self.ema_decay is None else WeightAverage(
+            self.ema_decay, [k for k in float_keys(model.state_dict()) if not (self.precise_bn and k in local_statistics)])
         if committed is not None:
             resume(self, opened.resume_round)
             account_resumed_privacy(self, loaders)
@@ -272,6 +282,8 @@ class FederatedTrainer:
                 bar.update(1)
         finally:
             bar.close()
+        if self._average is not None and self._average.average:  # the model after fit is the one last evaluated
+            self._average.swap_in(model)
         if self.state.stopped:
             log.info("%s: early stop after round %d (no improvement for %d rounds)",
                      site.name, self.state.round, self.state.rounds_without_improvement)
@@ -352,6 +364,10 @@ class FederatedTrainer:
         # (4) Every site validates the new global model, with BatchNorm statistics of its own training scans
         # (precise_bn.py); pooled metrics from the sites' summed statistics.
         t0 = time.perf_counter()
+        training_weights = None
+        if self._average is not None:  # the model evaluated, kept and tested: the average over rounds
+            self._average.update(model)
+            training_weights = self._average.swap_in(model)
         if self.precise_bn:
             recompute_site_batchnorm(site, train_loader, datamodule)
         t_bn = time.perf_counter() - t0
@@ -390,6 +406,10 @@ class FederatedTrainer:
             metrics |= self._private.metrics()  # sample-level ε of DP-SGD at this site
 
         # (7) The round is one commit: its files, then the pointer (commit.py); a Lightning best.ckpt if improved.
+        # Training goes on from the round's own weights, which the local record keeps for a resume.
+        best = ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None
+        if training_weights is not None:
+            self._average.swap_out(model, training_weights)
         if site.is_leader:
             commit_round(
                 self.run_dir, self.federation.site_rank, self.state.round,
@@ -399,8 +419,9 @@ class FederatedTrainer:
                     self.plateau.state_dict() if self.plateau is not None else None,
                     self.history_before_resume + self.history + [metrics]),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
-                                        self.global_step),
-                best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
+                                        self.global_step,
+                                        self._average.state_dict() if self._average is not None else None),
+                best=best,
             )
         if improved:
             self.best_model_path = str(ckpt.site_dir(self.run_dir, self.federation.site_rank) / ckpt.BEST_FILE)
