@@ -11,9 +11,9 @@ seeds, and judged on the pooled **validation** loss per round only (the test spl
 - per-seed spread of ``best``.
 
 The variants start from the recipe before this study (constant learning rate, BatchNorm statistics averaged
-like any weight, early stopping after 6 rounds without improvement) and add one change at a time; ``recipe``
-is all of them together (the shipped configs' defaults), and ``recipe + GroupNorm`` swaps BatchNorm for
-GroupNorm. Writes ``docs/results/recipe/ablation.tsv`` (one row per variant, method and seed), ``curves.json``
+like any weight, one local epoch per round, the round's own model evaluated, early stopping after 6 rounds
+without improvement) and add one change at a time; ``recipe`` is all of them together (the demo config), and
+``recipe + GroupNorm`` swaps BatchNorm for GroupNorm. Writes ``docs/results/recipe/ablation.tsv`` (one row per variant, method and seed), ``curves.json``
 (every run's pooled validation loss per round), ``meta.json`` and ``val_loss_<method>.png`` (seed 0, before vs
 after); ``docs/results/recipe.md`` is rendered from them.
 
@@ -39,13 +39,15 @@ from provenance import write_meta
 
 CONFIG = rep.REPO / "configs" / "federated_demo.yaml"
 #: The recipe before this study, spelled as overrides of the demo config.
-BEFORE = ["--trainer.precise_bn", "false", "--trainer.lr_schedule", "null", "--trainer.min_rounds", "0",
-          "--trainer.patience", "6"]
+BEFORE = ["--trainer.precise_bn", "false", "--trainer.lr_schedule", "null", "--trainer.ema_decay", "null",
+          "--trainer.local_epochs", "1", "--trainer.min_rounds", "0", "--trainer.patience", "6"]
 VARIANTS: dict[str, list[str]] = {
     "before": BEFORE,
     "+ precise BN": [*BEFORE, "--trainer.precise_bn", "true"],
     "+ cosine schedule": [*BEFORE, "--trainer.lr_schedule", '{"kind": "cosine", "warmup_rounds": 1}',
-                          "--trainer.patience", "null"],
+                          "--trainer.patience", "null", "--trainer.min_rounds", "1"],
+    "+ two local epochs": [*BEFORE, "--trainer.local_epochs", "2"],
+    "+ weight average": [*BEFORE, "--trainer.ema_decay", "0.5"],
     "recipe": [],
     "recipe + GroupNorm": ["--model.init_args.norm", "group"],
 }
@@ -116,7 +118,8 @@ def report(args: argparse.Namespace, out: Path, variants: list[str], seeds: list
                 history = out / "runs" / name / "history.json"
                 if not history.is_file():
                     continue
-                st = rep.stability(history, warmup if variant not in ("before", "+ precise BN") else 0)
+                st = rep.stability(history, warmup if variant in ("+ cosine schedule", "recipe", "recipe + GroupNorm")
+                                   else 0)
                 rows.append(f"{variant}\t{method}\t{seed}\t{st['rounds']}\t{st['best_round']}\t{st['best']:.3f}\t"
                             f"{st['last']:.3f}\t{st['max_rise']:.4f}")
                 curves[name] = [h["val/pooled/loss"] for h in json.loads(history.read_text())]
