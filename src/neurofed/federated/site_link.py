@@ -49,6 +49,8 @@ class SiteLink:
         self.bytes_sent = 0
         self.opened: HandshakeResult | None = None
         self._key = b""
+        # Secure aggregation's pairwise masks for statistics (set by SecureAggregation.attach), else None.
+        self.masking: Any = None
 
     @property
     def is_site_leader(self) -> bool:
@@ -154,6 +156,17 @@ class SiteLink:
         else:
             out = torch.empty_like(t, device="cpu")
         return self.site_broadcast(out)
+
+    def sum_statistics(self, t: Tensor, kind: str) -> Tensor:
+        """Sum over sites of a statistic (counts, label statistics, loss and metric sums, control flags).
+
+        Under secure aggregation (:attr:`masking` set by ``SecureAggregation``) it crosses masked like the
+        parameters, so no site and no neighbour in gloo's ring sees another site's value; otherwise it is a plain
+        all_reduce, in which gloo's ring hands a site's first chunk, unsummed, to the next site.
+        """
+        if self.masking is not None:
+            return self.masking.sum_statistics(self, t, kind)
+        return self.all_reduce(t, kind)
 
     def all_gather(self, t: Tensor, kind: str) -> list[Tensor]:
         """Every site's ``t`` (in site order) on every rank of every site."""

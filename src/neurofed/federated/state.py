@@ -105,10 +105,11 @@ def shared_record(state: RoundState, global_weights: dict[str, Tensor], strategy
 
 
 def local_record(round: int, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
-                 global_step: int) -> dict[str, Any]:
-    """The record only this site holds (its whole model, optimizer and random state)."""
+                 global_step: int, privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record only this site holds (its whole model, optimizer and random state, and under DP-SGD the
+    accountant's history of its privacy budget)."""
     return {"round": round, "model": {k: v.detach().cpu() for k, v in model_state.items()},
-            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step}
+            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step, "privacy": privacy}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
 from neurofed.federated.dp_sgd import DPSGD, PrivateSite, steps_per_round
 from neurofed.federated.errors import SettingsError
-from neurofed.federated.fit_setup import FitLoaders, account_resumed_privacy, setup_fit
+from neurofed.federated.fit_setup import FitLoaders, setup_fit
 from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
@@ -214,10 +214,12 @@ class FederatedTrainer:
         self.history_before_resume = []
         if committed is not None:
             resume(self, opened.resume_round)
-            account_resumed_privacy(self, loaders)
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
+        if self._private is not None:  # DP-SGD: no round starts that would exceed target_epsilon (resume included)
+            next_round = steps_per_round(loaders.train, loaders.passes, self.local_steps)
+            self.state.stopped |= self._private.federation_budget_spent(site.link, next_round)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
@@ -347,7 +349,7 @@ class FederatedTrainer:
                     self.plateau.state_dict() if self.plateau is not None else None,
                     self.history_before_resume + self.history + [metrics]),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
-                                        self.global_step),
+                                        self.global_step, self._private.state_dict() if self._private else None),
                 best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
             )
         if improved:
