@@ -220,3 +220,26 @@ def test_the_lightning_callback_keeps_its_budget_across_a_checkpoint_resume(tmp_
     trainer(2, second).fit(_model(), datamodule=_PoissonData(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert second.private.steps == 8
     assert second.epsilon() == pytest.approx(_reference(RDPAccountant(), 1.1, steps=8, delta=1e-3), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_a_site_that_replays_the_victims_step_cannot_remove_its_noise(tmp_path) -> None:
+    """The attack on seeded noise: a second site reruns the victim's DP-SGD step on its own data of the same
+    size, in the victim's seat and with the run's seed, and subtracts the noise it obtains. With noise drawn
+    from each site's own entropy the estimate is as far from the truth as the noisy update itself."""
+    from federated_toys import free_port, run_processes
+    from noise_replay_sites import site
+
+    port = free_port()
+    run_processes(site, [(k, port, str(tmp_path)) for k in range(2)], timeout=240)
+    victim = torch.load(tmp_path / "victim.pt", weights_only=True)
+    attacker = torch.load(tmp_path / "attacker.pt", weights_only=True)
+    truth = victim["clean"]
+    # the curious site did read the victim's noisy model exactly from the aggregate
+    torch.testing.assert_close(attacker["victim_trained"], victim["trained"], rtol=0, atol=1e-5)
+    noisy = victim["trained"] - victim["start"]
+    noise_to_signal = float((noisy - truth).norm() / truth.norm())
+    attack_error = float((attacker["estimate"] - truth).norm() / truth.norm())
+    assert noise_to_signal > 1.0  # the noise dominates the update, so stripping it would matter
+    # seeded noise let this estimate reach ~1e-6; now it is no closer than the noisy update (√2 × on average)
+    assert attack_error > 0.5 * noise_to_signal, (attack_error, noise_to_signal)
