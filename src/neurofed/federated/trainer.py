@@ -36,6 +36,7 @@ from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
+from neurofed.federated.strategies.secure_aggregation import secure_aggregation_of
 from neurofed.federated.target_stats import share_target_stats
 
 __all__ = ["FederatedTrainer"]
@@ -199,7 +200,11 @@ class FederatedTrainer:
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
-        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(loaders.n_train))
+        secure = secure_aggregation_of(self.strategy)  # masks statistics too: no count is declared in the clear
+        opened = site.link.open(opened_fingerprint, committed,
+                                None if secure else self.strategy.site_weight(loaders.n_train))
+        if secure is not None:
+            secure.attach(site.link)
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
@@ -290,11 +295,13 @@ class FederatedTrainer:
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
         weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
-        if self.federation.num_sites > 1:  # screening: non-finite, over-claimed or outsized updates get weight 0
-            fed = self.federation
+        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, over-claimed or outsized
+            fed = self.federation                                     # updates get weight 0
             screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
                                      fed.update_norm_factor, r, self._site_names)
             sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
+        elif not bool(torch.isfinite(sent).all()):  # masked: never send a non-finite update (the range check
+            sent, weight = global_vec, 0.0            # on the masked sum bounds the rest, secure_aggregation.py)
         new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
         if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
             log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
@@ -380,9 +387,14 @@ class FederatedTrainer:
         if ckpt_path is None and stage == "test" and self.best_model_path and Path(self.best_model_path).is_file():
             ckpt_path = self.best_model_path
         loaders = self._stage_model(stage, model, datamodule, ckpt_path, dataloaders)
+        fingerprint = evaluation_fingerprint(model, self.federation.num_sites)
+        secure = secure_aggregation_of(self.strategy)
+        if secure is not None and self.site.link.masking is None:  # statistics cross masked, as in fit
+            self.site.link.open(fingerprint)
+            secure.attach(self.site.link)
         return evaluation.evaluation_stage(
             self.site, stage, loaders, datamodule, evaluation.baseline_prediction(model), self.run_name,
-            step=max(self.state.round, 1), fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
+            step=max(self.state.round, 1), fingerprint=fingerprint)
 
     def _stage_model(self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, loaders: Any) -> Any:
         """Launch, take the stage's loader(s), wrap the model and load ``ckpt_path``; returns the loader(s)."""
