@@ -75,7 +75,8 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
 
-            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20), options["alter_at"])
+            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20, secret=fed.load_secret()),
+                                          options["alter_at"])
         trainer.fit(model, site_data(rank))
         result.update(final=state_of(model), history=trainer.history)
         trainer.close()

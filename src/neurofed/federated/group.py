@@ -412,11 +412,14 @@ class LocalGroup:
 
 
 class RecordingGroup:
-    """Wraps a group and records ``(kind, dtype, shape)`` of every payload, for auditing the wire."""
+    """Wraps a group and records ``(kind, dtype, shape)`` of every payload, for auditing the wire, and in
+    :attr:`ops` the collective that carried it: ``"sum"`` (only the sum over sites comes back) or ``"gather"``
+    / ``"broadcast"`` (every site receives this site's own payload)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.sent: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self.ops: list[str] = []
 
     @property
     def site_rank(self) -> int:
@@ -432,18 +435,30 @@ class RecordingGroup:
 
     def all_reduce_sum(self, t: Tensor, kind: str) -> Tensor:
         self._record(kind, t)
+        self.ops.append("sum")
         return self.inner.all_reduce_sum(t, kind)
 
     def all_gather(self, t: Tensor, kind: str) -> list[Tensor]:
         self._record(kind, t)
+        self.ops.append("gather")
         return self.inner.all_gather(t, kind)
 
     def broadcast(self, t: Tensor, kind: str, src: int = 0) -> Tensor:
         self._record(kind, t)
+        self.ops.append("broadcast")
         return self.inner.broadcast(t, kind, src)
 
     def barrier(self) -> None:
         self.inner.barrier()
+
+    @property
+    def stage(self) -> str:
+        return getattr(self.inner, "stage", "")
+
+    @stage.setter
+    def stage(self, text: str) -> None:
+        if hasattr(self.inner, "stage"):
+            self.inner.stage = text
 
     def close(self) -> None:
         self.inner.close()
