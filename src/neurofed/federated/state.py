@@ -74,9 +74,11 @@ class RoundState:
 
 def capture_rng() -> dict[str, Any]:
     """Random number generator states of this process."""
-    state: dict[str, Any] = {
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {  # only tensors, numbers and containers: checkpoints load with weights_only=True
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -87,7 +89,8 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
