@@ -110,13 +110,26 @@ def test_a_relay_that_forwards_a_genuine_sites_handshake_is_refused(tmp_path):
 def test_a_contribution_altered_after_the_handshake_stops_the_round_before_commit(tmp_path):
     port, secret = free_port(), _secret(tmp_path)
     # site 2 receives an altered parameter sum in round 2 (its second aggregation)
-    opts = [{"rounds": 3}, {"rounds": 3}, {"rounds": 3, "alter_at": 2}]
+    opts = [{"rounds": 3}, {"rounds": 3}, {"rounds": 3, "alter_at": (2, "parameters")}]
     procs = [_start(real_site, k, 3, port, str(tmp_path), secret, opts[k]) for k in range(3)]
     _join(procs)
     for k, s in enumerate(_results(tmp_path, 3)):
         assert s["error"] == "FederationIntegrityError", s
         assert "round 2" in s["message"] and "site(s) 2" in s["message"]
         assert committed_rounds(tmp_path / f"run{k}", k)[0] == 1  # round 2 was never written
+
+
+def test_a_test_statistic_altered_on_the_way_is_caught_by_the_round_check_of_test(tmp_path):
+    """``test()`` gets the round check too: site 1 receives site 0's test metric sums altered (each fit round
+    sums two metric vectors, so the first test gather is call 2·2 + 1)."""
+    port, secret = free_port(), _secret(tmp_path)
+    opts = [{"rounds": 2, "test": True}, {"rounds": 2, "test": True, "alter_at": (2 * 2 + 1, "metric_stats")}]
+    procs = [_start(real_site, k, 2, port, str(tmp_path), secret, opts[k]) for k in range(2)]
+    _join(procs)
+    for s in _results(tmp_path, 2):
+        assert s["error"] == "FederationIntegrityError", s
+        assert "do not hold the same result" in s["message"] and "test" not in s, s
+        assert [h["round"] for h in s["history"]] == [1.0, 2.0]
 
 
 def test_non_finite_and_outsized_updates_are_left_out_and_training_goes_on(tmp_path):

@@ -34,19 +34,28 @@ class Poison:
 
 
 class AlterReceived:
-    """Wraps a site's group: the parameter sum it receives in round ``at`` is altered on the way in."""
+    """Wraps a site's group: the ``at_call``-th sum of ``kind`` it receives is altered on the way in."""
 
-    def __init__(self, inner, at_call: int) -> None:
-        self.inner, self.at_call, self.calls = inner, at_call, 0
+    def __init__(self, inner, at_call: int, kind: str = "parameters") -> None:
+        self.inner, self.at_call, self.calls, self.kind = inner, at_call, 0, kind
         self.site_rank, self.num_sites = inner.site_rank, inner.num_sites
 
     def all_reduce_sum(self, t, kind):
         out = self.inner.all_reduce_sum(t, kind)
-        if kind == "parameters":
+        if kind == self.kind:
             self.calls += 1
             if self.calls == self.at_call:
                 out = out.clone()
                 out[0] += 0.5
+        return out
+
+    def all_gather(self, t, kind):
+        out = self.inner.all_gather(t, kind)
+        if kind == self.kind and self.kind != "parameters":
+            self.calls += 1
+            if self.calls == self.at_call:
+                out = [o.clone() for o in out]
+                out[0][1] += 0.5  # another site's row, as this site receives it
         return out
 
     def __getattr__(self, name):
@@ -76,9 +85,11 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
             from neurofed.federated.group import FederationGroup
 
             trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20, secret=fed.load_secret()),
-                                          options["alter_at"])
+                                          *options["alter_at"])
         trainer.fit(model, site_data(rank))
         result.update(final=state_of(model), history=trainer.history)
+        if options.get("test"):
+            result["test"] = trainer.test(model, site_data(rank))
         trainer.close()
     except FederationError as e:
         result.update(error=type(e).__name__, message=str(e))
