@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -243,3 +245,21 @@ def test_a_site_that_replays_the_victims_step_cannot_remove_its_noise(tmp_path) 
     assert noise_to_signal > 1.0  # the noise dominates the update, so stripping it would matter
     # seeded noise let this estimate reach ~1e-6; now it is no closer than the noisy update (√2 × on average)
     assert attack_error > 0.5 * noise_to_signal, (attack_error, noise_to_signal)
+
+
+def test_the_privacy_unit_is_a_scan_and_a_patient_with_k_scans_gets_k_epsilon() -> None:
+    from types import SimpleNamespace
+
+    from neurofed.federated.dp_sgd import scans_per_patient
+
+    records = [SimpleNamespace(participant_id=p) for p in ("sub-01", "sub-01", "sub-02", "sub-03", "sub-03", "sub-03")]
+    dataset = SimpleNamespace(records=records, __len__=lambda: 6)
+    assert scans_per_patient(dataset) == 3 and scans_per_patient(torch.utils.data.TensorDataset(torch.zeros(2))) is None
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 3))
+    loader = poisson_loader(torch.utils.data.DataLoader(data, batch_size=2))
+    private = PrivateSite(DPSGD(noise_multiplier=1.0, delta=1e-5), loader, planned_steps=4, history=[(1.0, 0.25, 4)],
+                          scans_per_patient=3)
+    m = private.metrics()
+    assert m["privacy/patient_epsilon"] == pytest.approx(3 * m["privacy/epsilon"], rel=1e-12)
+    assert m["privacy/patient_delta"] == pytest.approx(3 * math.exp(2 * m["privacy/epsilon"]) * 1e-5, rel=1e-12)
+    assert "privacy/patient_epsilon" not in PrivateSite(DPSGD(noise_multiplier=1.0), loader, 4).metrics()
