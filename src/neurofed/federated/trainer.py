@@ -390,7 +390,7 @@ class FederatedTrainer:
         fingerprint = evaluation_fingerprint(model, self.federation.num_sites)
         secure = secure_aggregation_of(self.strategy)
         if secure is not None and self.site.link.masking is None:  # statistics cross masked, as in fit
-            self.site.link.open(fingerprint)
+            self.site.link.open(fingerprint, declared_examples=None)
             secure.attach(self.site.link)
         return evaluation.evaluation_stage(
             self.site, stage, loaders, datamodule, evaluation.baseline_prediction(model), self.run_name,
