@@ -295,13 +295,13 @@ class FederatedTrainer:
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
         weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
-        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, over-claimed or outsized
-            fed = self.federation                                     # updates get weight 0
+        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, over-claimed or
+            fed = self.federation  # outsized updates get weight 0 (under masks, the sum's range check instead)
             screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
                                      fed.update_norm_factor, r, self._site_names)
             sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
-        elif not bool(torch.isfinite(sent).all()):  # masked: never send a non-finite update (the range check
-            sent, weight = global_vec, 0.0            # on the masked sum bounds the rest, secure_aggregation.py)
+        elif not bool(torch.isfinite(sent).all()):  # masked: a non-finite update is never sent
+            sent, weight = global_vec, 0.0
         new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
         if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
             log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
