@@ -66,6 +66,10 @@ class DPSGDCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = [tuple(h) for h in state_dict.get("history", [])]
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.private is not None:  # sampling and noise: fresh entropy every epoch, never the seed
+            self.private.fresh_randomness()
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         assert self.private is not None
         pl_module.log_dict(self.private.metrics())
