@@ -88,7 +88,8 @@ class SiteLink:
                         fed.site_rank, "loopback simulation" if fed.on_loopback else "insecure: true")
         failure: FederationError | None = None
         declared = -1.0 if declared_examples is None else declared_examples
-        result = HandshakeResult(b"", committed[0] if committed else None, [declared], [self.identity.public])
+        result = HandshakeResult(b"", committed[0] if committed else None, [declared], [self.identity.public],
+                                 [f"site{fed.site_rank}"])
         if self.is_site_leader and fed.num_sites > 1:
             try:
                 result = handshake(self.connect(), self.identity, roster, fingerprint, committed, declared_examples)
