@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,22 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is None:
+            raise CheckpointError(f"checkpoint {p} is corrupt or not a torch checkpoint ({_last_line(e)}); delete it "
+                                  "or point ckpt_path at an earlier round") from e
         raise CheckpointError(
-            f"checkpoint {p} holds objects other than tensors, numbers and containers, which are never unpickled "
-            f"(loading them could run code the file names): {str(e).splitlines()[0][:200]}. Load only checkpoints "
-            "written by neurofed or Lightning from a source you trust"
+            f"checkpoint {p} holds objects other than tensors, numbers and containers ({refused.group(1)}), which are "
+            "never unpickled: loading them could run code the file names. Load only checkpoints written by neurofed "
+            "or Lightning from a source you trust"
         ) from e
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(
             f"checkpoint {p} is corrupt or not a torch checkpoint ({type(e).__name__}: {e}); "
             "delete it or point ckpt_path at an earlier round"
         ) from e
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "pytorch.org" not in line]
+    return lines[-1] if lines else type(error).__name__
