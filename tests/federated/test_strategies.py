@@ -22,6 +22,7 @@ from neurofed.federated.strategies import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    SecureAggregation,
     Strategy,
 )
 
@@ -294,29 +295,63 @@ def test_dp_fedavg_noise_is_distributed_and_sums_to_sigma_c() -> None:
     n, dim, sigma, c = 4, 20_000, 2.0, 0.5
     start = torch.zeros(dim)
     rounds = [([torch.zeros(dim)] * n, [5.0, 5.0, 5.0, 0.0])]  # 3 sites sampled, no signal
-    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c, noise_seed=1), rounds, start)
+    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c), rounds, start)
     noise = out[0][0].double().numpy()
     assert abs(noise.std() - sigma * c / 3) < 0.03 * sigma * c / 3 and abs(noise.mean()) < 0.01
 
 
-def test_dp_fedavg_epsilon_is_the_rdp_accountants_over_rounds_and_site_sampling() -> None:
+def test_dp_fedavg_accounts_each_site_over_the_rounds_it_took_part_in_without_amplification() -> None:
+    """Who trains is public (drawn from the seed), so there is no amplification by sampling: each site's ε is
+    the RDP accountant's over the rounds it trained in, at q = 1; the accountant is never stepped with q = 0."""
     from opacus.accountants import RDPAccountant
 
     strategies: list[DPFedAvg] = []
 
     def make():
-        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3,
-                                   noise_seed=0))
+        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3))
         return strategies[-1]
 
     _run(make)
-    reference = RDPAccountant()
-    reference.history = [(1.3, 4 / 4, 1), (1.3, 3 / 4, 1)]  # round 1: all 4 sites; round 2: 3 of 4
-    metrics = strategies[0].round_metrics()
-    assert metrics["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
-    assert metrics["privacy/site_delta"] == 1e-3
+    both, once = RDPAccountant(), RDPAccountant()
+    both.history, once.history = [(1.3, 1.0, 2)], [(1.3, 1.0, 1)]  # sites 0-2 trained twice, site 3 once
+    for k, strategy in enumerate(strategies):
+        reference = once if k == 3 else both
+        assert strategy.round_metrics()["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
+        assert all(q == 1.0 for _, q, _ in strategy.accountant.history)
+    assert strategies[0].round_metrics()["privacy/site_delta"] == 1e-3
     restored = DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3)
     restored.load_state_dict(strategies[0].state_dict())
     assert restored.epsilon == strategies[0].epsilon
+    with pytest.raises(ValueError, match="amplification"):  # an old checkpoint's amplified history is refused
+        restored.load_state_dict({"inner": strategies[0].inner.state_dict(), "accountant_history": [(1.3, 0.75, 1)]})
     with pytest.raises(ValueError, match="wrap FedAvg"):
         DPFedAvg(FedMedian(), noise_multiplier=1.0, clip_norm=1.0)
+
+
+@pytest.mark.parametrize("nesting", [
+    lambda: DPFedAvg(SecureAggregation(FedAvg()), noise_multiplier=1.0, clip_norm=1.0),
+    lambda: ClipUpdates(SecureAggregation(FedAvg()), max_norm=1.0),
+    lambda: SecureAggregation(SecureAggregation(FedAvg())),
+    lambda: DPFedAvg(DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0), noise_multiplier=1.0, clip_norm=1.0),
+], ids=["dp-around-secagg", "clip-around-secagg", "secagg-twice", "dp-twice"])
+def test_nestings_that_defeat_a_mechanism_are_refused_in_one_line(nesting) -> None:
+    with pytest.raises(ValueError, match="outermost|one DPFedAvg") as e:
+        nesting()
+    assert "\n" not in str(e.value)
+
+
+def test_dp_around_secure_aggregation_would_have_added_no_noise() -> None:
+    """Why the nesting is refused: put together past the check, DPFedAvg(SecureAggregation(FedAvg())) returns
+    exactly the un-noised mean (the masked collectives bypass DP-FedAvg's noisy mean) and accounts nothing."""
+    made: list[DPFedAvg] = []
+
+    def make():
+        outer = DPFedAvg(FedAvg(weighted=False), noise_multiplier=100.0, clip_norm=10.0)
+        outer.inner = SecureAggregation(FedAvg(weighted=False))
+        made.append(outer)
+        return outer
+
+    params = [torch.full((5,), float(k)) for k in range(3)]
+    out = run_rule(make, [(params, [1.0, 1.0, 1.0])], torch.zeros(5))[0][0]
+    torch.testing.assert_close(out, torch.full((5,), 1.0), atol=1e-9, rtol=0)  # σC = 1000, yet no noise
+    assert all(m.accountant.history == [] for m in made)  # and the refused q = 0 step never happens

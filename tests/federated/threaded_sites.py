@@ -77,6 +77,7 @@ def run_rule(make: Callable[[], Strategy], rounds: list[tuple[list[torch.Tensor]
             fed = Federation(site_rank=k, num_sites=n)
             link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")), fed,
                             group=group_class(board, k))
+            link.open({"rule": "threaded"})  # the handshake: session, coin and each site's signing key
             global_vec = start.clone()
             for r, (params, weights) in enumerate(rounds):
                 context = RoundContext(round=r, seed=0, site_rank=k, num_sites=n)

@@ -2,8 +2,8 @@
 
 A site offers its newest committed round and the one before it (sites commit one after another, so a crash
 can leave them one round apart); the handshake picks the newest round every site holds. Restoring puts
-back the model, optimizer, strategy state, counters, LR scheduler, history and random state, so the
-resumed run repeats the uninterrupted one bit for bit on CPU.
+back the model, optimizer, strategy state, counters, LR scheduler, history, random state and DP-SGD's
+accountant history, so a resumed non-private run repeats the uninterrupted one bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from neurofed.federated import state as ckpt
 from neurofed.federated.checkpoint_io import CheckpointError
 from neurofed.federated.commit import committed_rounds, load_round, publish_best, round_dir
+from neurofed.federated.fit_setup import resume_privacy
 
 __all__ = ["committed_for", "resume"]
 
@@ -45,6 +46,7 @@ def resume(trainer: Any, round: int) -> None:
     trainer.history_before_resume = restored.history
     if trainer._average is not None and local.get("weight_average") is not None:
         trainer._average.load_state_dict(local["weight_average"])
+    resume_privacy(trainer, local, str(folder))
     if trainer.plateau is not None and restored.plateau is not None:
         trainer.plateau.load_state_dict(restored.plateau)
     if site.is_leader and (folder / ckpt.BEST_FILE).is_file():  # a crash may have come before publishing it

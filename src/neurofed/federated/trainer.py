@@ -25,7 +25,7 @@ from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
 from neurofed.federated.dp_sgd import DPSGD, PrivateSite, steps_per_round
 from neurofed.federated.errors import SettingsError
-from neurofed.federated.fit_setup import FitLoaders, account_resumed_privacy, setup_fit
+from neurofed.federated.fit_setup import FitLoaders, setup_fit
 from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
@@ -38,6 +38,7 @@ from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
+from neurofed.federated.strategies.secure_aggregation import secure_aggregation_of
 from neurofed.federated.target_stats import share_target_stats
 from neurofed.federated.weight_average import WeightAverage
 
@@ -247,7 +248,11 @@ class FederatedTrainer:
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
-        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(loaders.n_train))
+        secure = secure_aggregation_of(self.strategy)  # masks statistics too: no count is declared in the clear
+        opened = site.link.open(opened_fingerprint, committed,
+                                None if secure else self.strategy.site_weight(loaders.n_train))
+        if secure is not None:
+            secure.attach(site.link)
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
@@ -264,13 +269,15 @@ class FederatedTrainer:
             self.ema_decay, [k for k in float_keys(model.state_dict()) if not (self.precise_bn and k in local_statistics)])
         if committed is not None:
             resume(self, opened.resume_round)
-            account_resumed_privacy(self, loaders)
         else:
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
         self._global_vec, self._keys = flatten(model.state_dict(), keys), keys  # every site holds it; (1) loads it
         if self.precise_bn and committed is None:  # statistics of this site's scans from the first round on
             recompute_site_batchnorm(site, loaders.train, datamodule)
+        if self._private is not None:  # DP-SGD: no round starts that would exceed target_epsilon (resume included)
+            next_round = steps_per_round(loaders.train, loaders.passes, self.local_steps)
+            self.state.stopped |= self._private.federation_budget_spent(site.link, next_round)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
@@ -347,11 +354,13 @@ class FederatedTrainer:
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
         weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
-        if self.federation.num_sites > 1:  # screening: non-finite, over-claimed or outsized updates get weight 0
-            fed = self.federation
+        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, over-claimed or
+            fed = self.federation  # outsized updates get weight 0 (under masks, the sum's range check instead)
             screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
                                      fed.update_norm_factor, r, self._site_names)
             sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
+        elif not bool(torch.isfinite(sent).all()):  # masked: a non-finite update is never sent
+            sent, weight = global_vec, 0.0
         new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
         if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
             log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
@@ -419,7 +428,7 @@ class FederatedTrainer:
                     self.plateau.state_dict() if self.plateau is not None else None,
                     self.history_before_resume + self.history + [metrics]),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
-                                        self.global_step,
+                                        self.global_step, self._private.state_dict() if self._private else None,
                                         self._average.state_dict() if self._average is not None else None),
                 best=best,
             )
@@ -451,9 +460,14 @@ class FederatedTrainer:
         if ckpt_path is None and stage == "test" and self.best_model_path and Path(self.best_model_path).is_file():
             ckpt_path = self.best_model_path
         loaders = self._stage_model(stage, model, datamodule, ckpt_path, dataloaders)
+        fingerprint = evaluation_fingerprint(model, self.federation.num_sites)
+        secure = secure_aggregation_of(self.strategy)
+        if secure is not None and self.site.link.masking is None:  # statistics cross masked, as in fit
+            self.site.link.open(fingerprint, declared_examples=None)
+            secure.attach(self.site.link)
         return evaluation.evaluation_stage(
             self.site, stage, loaders, datamodule, evaluation.baseline_prediction(model), self.run_name,
-            step=max(self.state.round, 1), fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
+            step=max(self.state.round, 1), fingerprint=fingerprint)
 
     def _stage_model(self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, loaders: Any) -> Any:
         """Launch, take the stage's loader(s), wrap the model and load ``ckpt_path``; returns the loader(s)."""
