@@ -245,6 +245,121 @@ def render_sweep() -> str:
     return "\n".join([table(header, body), "", "Bold: the interval excludes zero.", "", provenance(folder)]) + "\n"
 
 
+@renderer("recipe-summary")
+def render_recipe_summary() -> str:
+    """Before vs after, per method: the short form of the ablation for README."""
+    folder = RESULTS / "recipe"
+    rows = read_tsv(folder / "ablation.tsv")
+    body = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [method]
+        for variant in ("before", "recipe"):
+            sel = [r for r in rows if r["variant"] == variant and r["method"] == method]
+            if not sel:
+                cells += ["", ""]
+                continue
+            cells.append(_mean_sd([float(r["best"]) for r in sel]))
+            cells.append(f"{max(float(r['max_rise']) for r in sel) * 100:.0f} %")
+        body.append(cells)
+    header = ["method", "before: best val loss", "before: largest rise", "recipe: best val loss", "recipe: largest rise"]
+    return "\n".join([table(header, body), "", provenance(folder)]) + "\n"
+
+
+def _row(rows: list[dict[str, str]], kind: str, a: str, b: str = "") -> dict[str, str] | None:
+    return next((r for r in rows if r["kind"] == kind and r["model_a"] == a and r["model_b"] == b), None)
+
+
+def _verdict(r: dict[str, str], unit: str = "years") -> str:
+    text = f"{interval(r['estimate'], r['low'], r['high'])} {unit}"
+    if r["excludes_zero"] != "True":
+        return f"{text}: the interval includes zero, so no difference is shown"
+    return f"{text}: {'lower' if float(r['high']) < 0 else 'higher'}, and the interval excludes zero"
+
+
+@renderer("replication-verdict")
+def render_replication_verdict() -> str:
+    """The replication's comparisons in plain words, every number from comparisons.tsv."""
+    folder = RESULTS / "replication"
+    rows = [r for r in _comparisons(folder) if r["task"] == "brain age"]
+    lines = []
+    for r in rows:
+        if r["kind"] == "difference" and r["model_b"] == "centralized" and r["model_a"].startswith("federated"):
+            ratio = _row(rows, "ratio", r["model_a"], "centralized")
+            extra = f" (MAE ratio {interval(ratio['estimate'], ratio['low'], ratio['high'])})" if ratio else ""
+            lines.append(f"- **{r['model_a']} vs centralized:** {_verdict(r)}{extra}.")
+    control = _row(rows, "difference", "centralized + per-site BN", "centralized")
+    if control:
+        lines.append(f"- **Per-site BatchNorm alone** (the centralized model, its statistics re-estimated at each site, "
+                     f"no training) vs centralized: {_verdict(control)}.")
+    for r in rows:
+        if r["kind"] == "difference" and r["model_b"] == "centralized + per-site BN":
+            lines.append(f"- **{r['model_a']} vs that control** (what federation adds beyond normalisation): "
+                         f"{_verdict(r)}.")
+    sdmt = [r for r in _comparisons(folder) if r["task"] == "sdmt"]
+    deep = _row(sdmt, "difference", "deep", "shallow")
+    if deep:
+        lines.append(f"- **SDMT, deep vs shallow transfer:** {_verdict(deep, 'points')}.")
+        for arm in ("deep", "shallow"):
+            mean = _row(sdmt, "difference", arm, "predict-the-mean")
+            if mean:
+                lines.append(f"- **SDMT, {arm} vs predicting the mean:** {_verdict(mean, 'points')}.")
+    return "\n".join([*lines, "", provenance(folder)]) + "\n"
+
+
+@renderer("targets")
+def render_targets() -> str:
+    """The convergence targets, each against what the results files say."""
+    body = []
+
+    def add(target: str, measured: str, met: bool | None) -> None:
+        body.append([target, measured, "" if met is None else ("yes" if met else "**no**")])
+
+    demo = RESULTS / "demo"
+    if (demo / "history.json").is_file():
+        warmup = 1
+        losses = [h["val/pooled/loss"] for h in read_json(demo / "history.json")]
+        rise = max([losses[r] / min(losses[:r]) - 1 for r in range(max(warmup, 1), len(losses))], default=0.0)
+        add("demo: no round after the warm-up above the best so far by > 15 %", f"largest rise {rise * 100:.1f} %",
+            rise <= 0.15)
+    if (demo / "test_metrics.json").is_file():
+        rows = read_json(demo / "test_metrics.json")
+        ratio = rows["pooled"]["mae"] / rows["pooled"]["baseline_mae"]
+        add("demo: pooled test MAE ≤ 0.6 × predict-the-mean", f"{ratio:.2f} ×", ratio <= 0.6)
+        above = [k for k, v in rows.items() if k != "pooled" and v["mae"] >= v["baseline_mae"]]
+        add("demo: every site below its own predict-the-mean MAE",
+            "every site below" if not above else f"not at {', '.join(above)}", not above)
+    if (demo / "threads.json").is_file():
+        diff = read_json(demo / "threads.json")["max_difference"]
+        add("demo: pooled test MAE within ±0.5 y between 1 and 2 threads per site", f"{diff:.2f} y", diff <= 0.5)
+    rep = RESULTS / "replication"
+    if (rep / "stability.tsv").is_file():
+        rises = [float(r["max_rise"]) for r in read_tsv(rep / "stability.tsv")]
+        add("replication: no round after the warm-up above the best so far by > 15 %, every run",
+            f"largest rise {max(rises) * 100:.1f} % over {len(rises)} runs", max(rises) <= 0.15)
+        import statistics
+
+        sds = {r["model_a"]: statistics.stdev([float(v) for v in r["seed_values"].split(",")])
+               for r in _comparisons(rep) if r["task"] == "brain age" and r["kind"] == "mae" and
+               r["model_a"] != "predict-the-mean"}
+        worst = max(sds, key=sds.get)
+        add("replication, brain age: per-seed SD ≤ 1 y for every model", f"largest: {worst} {sds[worst]:.2f} y",
+            sds[worst] <= 1.0)
+        minutes = read_json(rep / "meta.json").get("minutes", {})
+        cpu = minutes.get("CPU time of all steps (user + system)")
+        if cpu:
+            add("replication ≤ 45 min on 2 idle cores with its default seeds",
+                f"{cpu:.0f} CPU minutes (≥ {cpu / 2:.0f} min on 2 cores)", cpu / 2 <= 45)
+    sweep = RESULTS / "site_effect_sweep"
+    if (sweep / "sweep.tsv").is_file():
+        row = next((r for r in read_tsv(sweep / "sweep.tsv") if r["setting"] == "scanner 0" and r["model"] == "FedAvg"),
+                   None)
+        if row and row["ratio"]:
+            add("FedAvg / centralized MAE ≤ 1.10 at site effect 0", interval(row["ratio"], row["ratio_low"],
+                                                                            row["ratio_high"]),
+                float(row["ratio"]) <= 1.10)
+    return table(["target", "measured", "met"], body) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ documents
 
 

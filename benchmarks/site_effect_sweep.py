@@ -1,6 +1,6 @@
 """Where FedAvg breaks: brain-age test MAE against the scale of the scanner differences, and under label shift.
 
-For each ``--site-effect`` scale (default 0, 0.5, 1, 2: 0 = every site the same scanner, 1 = the published
+For each ``--site-effect`` scale (default 0, 1, 2: 0 = every site the same scanner, 1 = the published
 between-scanner differences of ``docs/synthetic_data.md``, 2 = twice them) the three healthy sites are generated
 again (same subjects, same seed; only the scanners change), plus one setting where the sites share one scanner
 but differ in the ages they scanned (label shift: ``--age-shift``, default IXI 18–45, SALD 40–65, Cam-CAN
@@ -12,7 +12,8 @@ settings and the shipped recipe (``configs/brain_age_cpu.yaml``) train:
   site, no training (what per-site normalisation alone is worth);
 - FedAvg with the BatchNorm SFCN (its statistics stay local and are re-estimated each round: ``precise_bn``);
 - FedBN (BatchNorm layers stay local: statistics and affine parameters);
-- FedAvg with a GroupNorm SFCN (``--model.init_args.norm group``: no batch statistics at all).
+- with ``--methods`` including it, FedAvg with a GroupNorm SFCN (``--model.init_args.norm group``: no batch
+  statistics at all; ``docs/results/recipe.md`` compares it on the demo's data).
 
 Each point is the pooled test MAE (all sites, all seeds); error bars and the differences to centralized are
 95 % paired hierarchical bootstrap intervals that resample seeds and test subjects (``neurofed.stats``). Outputs:
@@ -73,10 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=rep.REPO / "results" / "site_effect_sweep")
     parser.add_argument("--results", type=Path, default=rep.REPO / "docs" / "results" / "site_effect_sweep")
-    parser.add_argument("--effects", default="0,0.5,1,2", help="comma-separated --site-effect scales")
+    parser.add_argument("--effects", default="0,1,2", help="comma-separated --site-effect scales")
     parser.add_argument("--age-shift", default=AGE_SHIFT,
                         help="age ranges of the label-shift setting (one scanner), one per site; '' to skip it")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default="centralized,FedAvg,FedBN", help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--subjects", type=int, default=40,
                         help="mean subjects per site (reference proportions); default 40, the demo's size")
     parser.add_argument("--rounds", type=int, default=None)
