@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 from trust_sites import outsider, real_site
 
 from neurofed.federated.commit import committed_rounds
 from neurofed.federated.simulate import free_port
 
 pytestmark = pytest.mark.slow
+
+#: The federation's timeout_s in the tests whose sites must meet before they can fail (a mismatch, an outsider).
+MEET_S = scaled(10)
 
 
 def _start(target, *args):
@@ -24,8 +28,9 @@ def _start(target, *args):
     return p
 
 
-def _join(procs, timeout=90) -> None:
-    deadline = time.monotonic() + timeout
+def _join(procs) -> None:
+    # every process imports torch and Lightning, then meets the others within its timeout_s and trains a toy
+    deadline = time.monotonic() + scaled(STARTUP_S + 60)
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))
     for p in procs:
@@ -46,9 +51,9 @@ def _results(tmp_path: Path, n: int) -> list[dict]:
 
 def test_an_outsider_without_the_secret_is_refused_before_anything_is_sent(tmp_path):
     port, secret = free_port(), _secret(tmp_path)
-    site0 = _start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": 10})
+    site0 = _start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": MEET_S})
     # the real site 1 is ready and joins the moment the outsider has taken its seat
-    site1 = _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": 10,
+    site1 = _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": MEET_S,
                                                                   "wait_for": str(tmp_path / "seat-taken")})
     time.sleep(3.0)  # site 0 hosts the rendezvous
     attacker = _start(outsider, port, 1, 2, str(tmp_path))
@@ -58,7 +63,7 @@ def test_an_outsider_without_the_secret_is_refused_before_anything_is_sent(tmp_p
     assert s0.get("error") == "FederationAuthError", s0
     assert "seat 1" in s0["message"] and "failed authentication" in s0["message"], s0
     # the real site 1 is told its seat is taken, or (if site 0 already left) that site 0 is gone; never a hang
-    assert s1["error"] in ("FederationConfigError", "FederationTimeoutError") and s1["seconds"] < 10 + 5, s1
+    assert s1["error"] in ("FederationConfigError", "FederationTimeoutError") and s1["seconds"] < MEET_S + scaled(5), s1
     assert ("already taken" in s1["message"]) or ("site 0" in s1["message"]), s1
     # everything the outsider received: nonces and a host name (64 bytes), tags (64) and a verdict (2) — no
     # parameter, no label statistic, no site name; its claim of 1e9 examples never reached an all_reduce
@@ -113,9 +118,9 @@ def test_non_finite_and_outsized_updates_are_left_out_and_training_goes_on(tmp_p
 ])
 def test_each_disagreeing_setting_fails_every_site_within_the_timeout_naming_it(tmp_path, field, option):
     port, secret = free_port(), _secret(tmp_path)
-    procs = [_start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": 10}),
-             _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": 10, **option})]
+    procs = [_start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": MEET_S}),
+             _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": MEET_S, **option})]
     _join(procs)
     for s in _results(tmp_path, 2):
         assert s["error"] in ("FederationMismatchError", "FederationConfigError"), s
-        assert field in s["message"] and s["seconds"] < 10 + 5
+        assert field in s["message"] and s["seconds"] < MEET_S + scaled(5)

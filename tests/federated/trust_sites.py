@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from federated_toys import ToyRegressor, quiet_process, site_data, state_of
+from timeouts import scaled
 
 from neurofed.federated import FederatedTrainer, Federation
 from neurofed.federated.errors import FederationError
@@ -58,7 +59,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         while not Path(options["wait_for"]).exists():
             time.sleep(0.02)
     L.seed_everything(100 + rank)
-    fed = Federation(port=port, site_rank=rank, num_sites=options.get("num_sites", n), timeout_s=options.get("timeout", 20),
+    fed = Federation(port=port, site_rank=rank, num_sites=options.get("num_sites", n), timeout_s=options.get("timeout") or scaled(20),
                      secret_file=secret_file, max_update_norm=options.get("max_update_norm"))
     model = ToyRegressor(**options.get("model", {}))
     callbacks = [Poison(*options["poison"])] if "poison" in options else []
@@ -72,7 +73,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
 
-            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20), options["alter_at"])
+            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, scaled(20)), options["alter_at"])
         trainer.fit(model, site_data(rank))
         result.update(final=state_of(model), history=trainer.history)
         trainer.close()
@@ -84,7 +85,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
 
 def outsider(port: int, seat: int, n: int, out: str) -> None:
     """Takes seat ``seat`` knowing the protocol but not the secret, then records everything it receives."""
-    timeout = timedelta(seconds=20)
+    timeout = timedelta(seconds=scaled(20))
     store = dist.TCPStore("127.0.0.1", port, None, False, timeout, False)
     store.add(f"neurofed/pre/seat/{seat}", 1)
     store.set(f"neurofed/pre/size/{seat}", str(n))
