@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 
 from neurofed.federated.group import FederationGroup, FederationTimeoutError, LocalGroup, RecordingGroup
 from neurofed.federated.simulate import free_port as _free_port
@@ -156,3 +160,37 @@ def test_recording_group_records_kind_dtype_shape() -> None:
         ("control", torch.int64, (1,)),
     ]
     assert (g.site_rank, g.num_sites) == (0, 1)
+
+
+# Sites 0 and 1 of a three-site federation whose site 2 never starts; site 1 joins once site 0 is listening.
+NEVER_THREE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from neurofed.federated.group import FederationGroup
+    from neurofed.federated.errors import FederationError
+    rank, port, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    if rank == 1:
+        while not (folder / "imported-0").exists():
+            time.sleep(0.05)
+    (folder / f"imported-{rank}").touch()
+    start = time.monotonic()
+    try:
+        FederationGroup("127.0.0.1", port, rank, 3, timeout_s=4.0)
+    except FederationError as e:
+        print(type(e).__name__, e, f"after {time.monotonic() - start:.1f} s")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_site_that_never_starts_is_named_by_the_others_without_cpp_noise(tmp_path) -> None:
+    script, port = tmp_path / "never_three.py", str(_free_port())
+    script.write_text(NEVER_THREE)
+    procs = [subprocess.Popen([sys.executable, str(script), str(k), port, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outputs = [p.communicate(timeout=scaled(STARTUP_S + 2 * 4.0 + 60)) for p in procs]
+    for k, (out, err) in enumerate(outputs):
+        assert out.startswith("FederationTimeoutError") and "site 2 did not join the federation" in out, (k, out, err)
+        assert "site 0" not in out.split("within")[0].replace(f"site {k} of 3", ""), out  # site 0 is not blamed
+        assert err.strip() == "", err  # no C++ warnings or stack frames from torch's store

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from timeouts import scaled
 
 from neurofed.federated import simulate as sim
 
@@ -53,6 +54,25 @@ TOY_SITE = textwrap.dedent(
     print("final val loss", trainer.history[-1]["val/pooled/loss"])
     """
 )
+
+
+# The neurofed command, except that sites 1 and 2 take a few seconds longer than site 0 to finish after the
+# command (as W&B's sync can): their heartbeats still run while site 0, which hosts the store, is done.
+LATE_EXIT = textwrap.dedent(
+    """
+    import sys, time
+    from neurofed.cli import main
+    args = sys.argv[1:]
+    rank = int(args[args.index("--trainer.federation.site_rank") + 1])
+    code = main(args)
+    if rank != 0:
+        time.sleep(4)
+    sys.exit(code)
+    """
+)
+
+#: What torch prints when a store connection breaks under a collective or a heartbeat.
+CPP_NOISE = ("sendBytes", "recvValue", "Broken pipe", "frame #", "Exception raised from", "[c10d]")
 
 
 def _script(tmp_path: Path, name: str, text: str) -> list[str]:
@@ -136,3 +156,20 @@ def test_simulated_federation_trains_end_to_end(tmp_path):
     assert len(losses) == 2 and losses[0] == losses[1]  # pooled validation loss: identical at both sites
     for root in roots:
         assert (Path(root) / "run" / "site-0" / "committed").is_file() or (Path(root) / "run" / "site-1" / "committed").is_file()
+
+
+@pytest.mark.slow
+def test_a_finished_federation_ends_cleanly_when_site_0_finishes_first(tmp_path, tiny_sites):
+    out = io.StringIO()
+    code = sim.simulate(
+        ["fit", "--config", "configs/federated_demo.yaml", "--data.shape", "[32,32,32]", "--data.batch_size", "4",
+         "--trainer.rounds", "1", "--model.init_args.channels", "[2,4,4,4,4]", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+         "--trainer.federation.timeout_s", str(scaled(120))],
+        [str(root) for root in tiny_sites], entry=_script(tmp_path, "late_exit.py", LATE_EXIT), out=out,
+    )
+    console = out.getvalue()
+    assert code == 0, console[-3000:]
+    assert all(f"[site {k}] best global model" in console for k in range(3)), console[-3000:]
+    noise = [line for line in console.splitlines() if any(mark in line for mark in CPP_NOISE)]
+    assert noise == [], noise[:20]
