@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurofed.cli import main
 from neurofed.models import BrainAgeModule
@@ -45,6 +46,20 @@ def test_fit_tests_best_model_and_writes_predictions(tmp_path, tiny_sites, capsy
     assert {r["split"] for r in rows} >= {"train", "test"}
     assert (run / "figures" / "desc-age_scatter.png").is_file()
     assert (tmp_path / "runs" / "brain_age_cpu" / "config-fit.yaml").is_file()
+    # A centralized run over three roots: each root has its own figure, and nothing says "FedAvg".
+    for root in tiny_sites:
+        folder = root / "derivatives" / "neurofed" / "runs" / "brain_age_cpu"
+        sidecar = json.loads((folder / "desc-age_predictions.json").read_text())
+        assert sidecar["GeneratedBy"]["Strategy"] == "centralized"
+        assert sidecar["TrainingRun"]["ThisDataset"].startswith("one of the datasets the run trained on")
+        assert (folder / "figures" / "desc-age_scatter.png").is_file()
+        own = {r["participant_id"] for r in csv.DictReader(open(folder / "desc-age_predictions.tsv"), delimiter="\t")
+               if r["split"] == "test"}
+        assert own and all((root / pid).is_dir() for pid in own)  # its own subjects only
+    # The model carries its run's record: the datasets, their split sizes, each one's bias correction.
+    record = torch.load(best, weights_only=False)["neurofed_training"]
+    assert record["run"] == "brain_age_cpu" and set(record["datasets"]) == {"ixi", "sald", "camcan"}
+    assert all(entry["splits"]["train"]["subjects"] > 0 for entry in record["datasets"].values())
 
 
 @pytest.mark.parametrize("resident", ["false", "true"])
@@ -58,6 +73,43 @@ def test_predict_subcommand_writes_bids_derivatives(tmp_path, tiny_bids, capsys,
     rows = list(csv.DictReader(open(table), delimiter="\t"))
     assert len(rows) == sum(1 for _ in tiny_bids.glob("sub-*/**/*_T1w.nii.gz"))
     assert all(float(r["prediction"]) == float(r["prediction"]) for r in rows)
+
+
+def test_a_model_applied_to_a_new_dataset_keeps_its_runs_split_and_correction(tmp_path, tiny_bids, make_bids,
+                                                                              capsys):
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]"]
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 0
+    ckpt = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "best.ckpt"
+    record = torch.load(ckpt, weights_only=False)["neurofed_training"]
+    stored = record["datasets"]["tiny"]["bias_correction"]
+    trained = tiny_bids / "derivatives" / "neurofed" / "runs" / "brain_age_cpu" / "desc-age_predictions.tsv"
+    splits_at_fit = {(r["participant_id"], r["session_id"]): r["split"]
+                     for r in csv.DictReader(open(trained), delimiter="\t")}
+
+    new = make_bids(tmp_path / "new", n_subjects=8, seed=9, name="newsite")
+    predict = ["predict", "--config", "configs/brain_age_cpu.yaml", *args, "--data.root", str(new),
+               "--ckpt_path", str(ckpt), "--trainer.run_name", "applied"]
+    assert main(predict) == 0
+    folder = new / "derivatives" / "neurofed" / "runs" / "applied"
+    rows = list(csv.DictReader(open(folder / "desc-age_predictions.tsv"), delimiter="\t"))
+    assert len(rows) == sum(1 for _ in new.glob("sub-*/**/*_T1w.nii.gz")) and {r["split"] for r in rows} == {"unseen"}
+    for r in rows:  # the run's correction, not one refitted on the new dataset
+        age, gap = float(r["age"]), float(r["gap"])
+        expected = gap - (stored["slope"] * age + stored["intercept"])
+        assert float(r["gap_corrected"]) == pytest.approx(expected, abs=2e-3)
+    sidecar = json.loads((folder / "desc-age_predictions.json").read_text())
+    assert sidecar["split"]["Levels"] == {"unseen": sidecar["split"]["Levels"]["unseen"]}
+    assert "brain_age_cpu" in sidecar["BiasCorrection"]["FittedOn"] and "tiny" in sidecar["BiasCorrection"]["FittedOn"]
+    assert sidecar["BiasCorrection"]["Slope"] == pytest.approx(stored["slope"])
+    assert sidecar["TrainingRun"]["Run"] == "brain_age_cpu" and "never saw" in sidecar["TrainingRun"]["ThisDataset"]
+    assert (folder / "figures" / "desc-age_scatter.png").is_file()
+
+    # Back on the dataset it trained on, the same checkpoint restores the run's split, row for row.
+    assert main(["predict", "--config", "configs/brain_age_cpu.yaml", *args, "--ckpt_path", str(ckpt),
+                 "--trainer.run_name", "again"]) == 0
+    again = tiny_bids / "derivatives" / "neurofed" / "runs" / "again" / "desc-age_predictions.tsv"
+    assert {(r["participant_id"], r["session_id"]): r["split"]
+            for r in csv.DictReader(open(again), delimiter="\t")} == splits_at_fit
 
 
 def test_unknown_key_fails_with_a_message(tmp_path, tiny_bids, capsys):

@@ -29,6 +29,8 @@ from neurofed.data import BrainMRIDataModule
 from neurofed.data.validation import NeurofedDataError
 from neurofed.federated import FederatedTrainer
 from neurofed.federated.checkpoint_io import CheckpointError
+from neurofed.federated.commit import BEST_FILE
+from neurofed.federated.state import resolve_weights_path
 from neurofed.federated.errors import FederationError
 from neurofed.federated.results import (
     HISTORY_FILE,
@@ -37,6 +39,7 @@ from neurofed.federated.results import (
     read_json,
     refuse_existing_run,
     site_record_dir,
+    strategy_name,
     write_site_results,
 )
 from neurofed.lightning_compat import cli_class, cli_config_value, cli_parser
@@ -126,8 +129,8 @@ class NeurofedCLI(LightningCLI):
             return
         configure_site_loggers(self.trainer, self.datamodule)
         resolved = self.config[self.subcommand].clone()
-        resolved_dict = {k: v for k, v in resolved.as_dict().items() if k in ("trainer", "model", "data")}
-        self.report = WandbReport(resolved_dict) if any(map(is_wandb_logger, self.trainer.loggers)) else None
+        self.trainer.config = {k: v for k, v in resolved.as_dict().items() if k in ("trainer", "model", "data")}
+        self.report = WandbReport() if any(map(is_wandb_logger, self.trainer.loggers)) else None
         if self.subcommand == "fit":
             self.trainer.site.callbacks += [SiteRecord(), *([self.report] if self.report else [])]
         self._save_resolved_config()
@@ -176,7 +179,7 @@ class NeurofedCLI(LightningCLI):
         history = read_json(history_path) if history_path.is_file() else []  # all rounds, a resume's too
         if not history:
             return written
-        style = {"run": trainer.run_name, "strategy": type(trainer.strategy).__name__}
+        style = {"run": trainer.run_name, "strategy": strategy_name(trainer)}
         pooled = [row["val/pooled/loss"] for row in history]
         if trainer.site.is_global_leader:
             written.append(loss_per_round({"pooled validation loss": pooled}, trainer.run_dir / "val_loss.png", **style))
@@ -192,14 +195,27 @@ class NeurofedCLI(LightningCLI):
             print(f"wrote {path}")
 
     def _write_predictions(self, model: LightningModule, datamodule: Any, ckpt_path: str | None) -> list[Path]:
-        from neurofed.predictions import write_predictions
+        """Predict every scan and write the tables. After ``fit`` (``ckpt_path="best"``) the run's training
+        record (splits, bias correction) is stored in its best checkpoints first; otherwise it is read from the
+        checkpoint, so a model applied to new data keeps the split and correction of the run that trained it."""
+        from neurofed.predictions import run_training_record, write_predictions
+        from neurofed.provenance import read_training_record, store_training_record
 
-        outputs = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        if not outputs or not self.trainer.site.is_leader:
+        trainer = self.trainer
+        outputs = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not outputs or not trainer.site.is_leader:
             return []
-        checkpoint = self.trainer.best_model_path if ckpt_path == "best" else ckpt_path
-        return write_predictions(outputs, datamodule, model, run_name=self.trainer.run_name, checkpoint=checkpoint,
-                                 strategy=type(self.trainer.strategy).__name__)
+        if ckpt_path == "best":  # this run's own model on its own data
+            checkpoint = trainer.best_model_path
+            record = run_training_record(outputs, datamodule, trainer.run_name)
+            published = [checkpoint, *([trainer.run_dir / BEST_FILE] if trainer.site.is_global_leader else [])]
+            store_training_record(published, record)
+        else:
+            checkpoint = None if ckpt_path is None else resolve_weights_path(
+                ckpt_path, trainer.run_dir, trainer.federation.site_rank)
+            record = read_training_record(checkpoint)
+        return write_predictions(outputs, datamodule, model, run_name=trainer.run_name, checkpoint=checkpoint,
+                                 strategy=strategy_name(trainer), training_record=record)
 
 
 def _num_channels(data: BrainMRIDataModule) -> int:
