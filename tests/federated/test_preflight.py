@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from timeouts import STARTUP_S, scaled
 
 from neurofed.federated.simulate import free_port
 
@@ -14,15 +15,16 @@ pytestmark = pytest.mark.slow
 
 def _check(tmp_path, secrets: list[bool]) -> list[tuple[int, str]]:
     (tmp_path / "secret").write_text("s" * 40)
-    port = str(free_port())
+    port, timeout = str(free_port()), scaled(20)
     procs = []
     for k, has_secret in enumerate(secrets):
         cmd = [sys.executable, "-m", "neurofed", "federation", "check", "--config", "configs/federated_brain_age.yaml",
-               "--site_rank", str(k), "--port", port, "--timeout_s", "20"]
+               "--site_rank", str(k), "--port", port, "--timeout_s", str(timeout)]
         if has_secret:
             cmd += ["--secret_file", str(tmp_path / "secret")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return [(p.wait(60), p.stdout.read()) for p in procs]
+    # the checks import neurofed, meet within timeout_s, then prove the secret: a failing one waits out its timeout
+    return [(p.wait(scaled(STARTUP_S) + 2 * timeout), p.stdout.read()) for p in procs]
 
 
 def test_three_sites_with_the_secret_pass_every_check(tmp_path):
