@@ -150,8 +150,8 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "neurofed synth", "neurofed simulate"):
-        assert command in out.replace("\n", " ")
+    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status", "federation"):
+        assert f"\n    {command} " in out or f"\n    {command}\n" in out, command
 
 
 def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys):
@@ -217,13 +217,26 @@ def _help(capsys, *argv: str) -> str:
 
 def test_usage_names_every_command(capsys):
     usage = _help(capsys).splitlines()[0]
-    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status"):
+    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status", "federation"):
         assert command in usage
     assert usage.startswith("usage: neurofed ")
 
 
+def test_help_imports_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom neurofed.cli import main\n"
+            "for argv in (['--help'], ['synth', '--help'], ['status', '--help'], ['simulate', '--help'],\n"
+            "             ['federation', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
+
+
 def test_every_option_has_a_description_and_a_default(capsys):
-    import neurofed.cli as cli
+    import neurofed.training_cli as cli
 
     class Parsed(Exception):
         pass
@@ -260,3 +273,52 @@ def test_every_option_has_a_description_and_a_default(capsys):
 def test_synth_help_shows_defaults(capsys):
     text = _help(capsys, "synth")
     assert "(default: 20)" in text and "(default: 2.0)" in text
+
+
+def test_model_help_describes_every_option_without_listing_torch(capsys):
+    text = _help(capsys, "fit", "--model.help", "neurofed.BrainAgeModule").replace("\n", " ").split("Help for", 1)[1]
+    for option, words in (("lr", "learning rate"), ("channels", "Output channels"), ("loss", "soft-label"),
+                          ("sigma", "Gaussian soft label"), ("norm", "GroupNorm")):
+        assert words in text.split(f"--model.{option} ", 1)[1][:400], option
+    assert "torch.nn.Linear" not in text and "other classes, by class_path" in text
+    assert len(_help(capsys, "fit", "--model.help", "neurofed.BrainAgeModule").splitlines()) < 120
+
+
+def test_synth_flags_read_the_right_way_round(capsys):
+    text = _help(capsys, "synth")
+    assert "hide the progress bars (shown by default)" in text and "(default: True)" not in text
+    assert "the same seed writes the same sites" in text.replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fit_is_one_line_naming_the_committed_round_and_the_resume(tmp_path, tiny_bids):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from timeouts import STARTUP_S, scaled
+
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]",
+            "--trainer.rounds", "500"]
+    proc = subprocess.Popen([sys.executable, "-m", "neurofed", "fit", "--config", "configs/brain_age_cpu.yaml", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    committed = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "committed"
+    deadline = time.monotonic() + scaled(STARTUP_S + 120)
+    while not committed.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed.is_file(), proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=scaled(60))
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("neurofed: interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    round_done = int(committed.read_text())
+    assert f"round {round_done} is committed in {committed.parent}" in lines[0]
+    assert lines[0].endswith("--trainer.rounds 500 --ckpt_path last")
+    # status says the same, and gives the command that resumes from the saved configuration
+    status = subprocess.run([sys.executable, "-m", "neurofed", "status", str(committed.parent.parent)],
+                            capture_output=True, text=True, timeout=scaled(STARTUP_S))
+    config = committed.parent.parent / "config-fit.yaml"
+    assert f"resume: neurofed fit --config {config} --ckpt_path last" in status.stdout, status.stdout
