@@ -154,11 +154,18 @@ def test_help_lists_every_command(capsys):
         assert f"\n    {command} " in out or f"\n    {command}\n" in out, command
 
 
-def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys):
+def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys, monkeypatch):
+    import neurofed.plots as plots
     from neurofed.status import read_status
 
+    drawn, draw = {}, plots.loss_per_round
+    monkeypatch.setattr(plots, "loss_per_round", lambda curves, path, **kw: drawn.update(
+        {path.name: (sorted(curves), kw["ylabel"])}) or draw(curves, path, **kw))
     args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]"]
     assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 0
+    # L1 is in years; one site has no separate pooled curve to hide its own
+    assert drawn == {"val_loss.png": (["pooled validation loss"], "validation loss (L1, years)"),
+                     "loss.png": (["training", "validation"], "loss (L1, years)")}
     site = tmp_path / "runs" / "brain_age_cpu" / "site-0"
     for name in ("config-fit.yaml", "history.json", "test_metrics.json", "loss.png", "best.ckpt"):
         assert (site / name).is_file(), name

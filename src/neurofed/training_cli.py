@@ -119,7 +119,7 @@ class NeurofedCLI(LightningCLI):
         rows = trainer.test(model, datamodule=datamodule, ckpt_path="best")
         written = self._write_predictions(model, datamodule, ckpt_path="best")
         if trainer.site.is_leader:
-            written += self._write_site_record(rows)
+            written += self._write_site_record(rows, model, getattr(datamodule, "label", "target"))
         if self.report is not None:
             self.report.report_test(trainer, rows, written)
             self.report.finish(trainer)
@@ -128,8 +128,13 @@ class NeurofedCLI(LightningCLI):
             for path in written:
                 print(f"wrote {path}")
 
-    def _write_site_record(self, rows: dict[str, dict[str, float]]) -> list[Path]:
-        """This site's test table and loss curves under ``site-<k>/``; site 0 also the run-level figure."""
+    def _write_site_record(self, rows: dict[str, dict[str, float]], model: LightningModule, label: str) -> list[Path]:
+        """This site's test table and loss curves under ``site-<k>/``; site 0 also the run-level figure.
+
+        Axes give the loss and its unit (L1 is in the label's unit); a run of one site has no separate pooled
+        curve, which would hide its own.
+        """
+        from neurofed.data.labels import loss_axis
         from neurofed.plots import loss_per_round
 
         trainer, site_rank = self.trainer, self.trainer.federation.site_rank
@@ -139,13 +144,17 @@ class NeurofedCLI(LightningCLI):
         if not history:
             return written
         style = {"run": trainer.run_name, "strategy": strategy_name(trainer)}
+        loss = (getattr(model, "hparams", None) or {}).get("loss", "l1" if isinstance(model, SDMTModule) else None)
         pooled = [row["val/pooled/loss"] for row in history]
         if trainer.site.is_global_leader:
-            written.append(loss_per_round({"pooled validation loss": pooled}, trainer.run_dir / "val_loss.png", **style))
-        curves = {"this site, validation": [row["val/site/loss"] for row in history], "pooled validation": pooled,
-                  "this site, training": [row["train/site/loss"] for row in history]}
+            written.append(loss_per_round({"pooled validation loss": pooled}, trainer.run_dir / "val_loss.png",
+                                          ylabel=loss_axis(loss, label, "validation loss"), **style))
+        own = {"validation": [row["val/site/loss"] for row in history],
+               "training": [row["train/site/loss"] for row in history]}
+        curves = own if trainer.federation.num_sites == 1 else {
+            "this site, validation": own["validation"], "pooled validation": pooled, "this site, training": own["training"]}
         written.append(loss_per_round(curves, site_record_dir(trainer.run_dir, site_rank) / "loss.png",
-                                      ylabel="loss", **style))
+                                      ylabel=loss_axis(loss, label), **style))
         return written
 
     def predict(self, model: LightningModule, datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any) -> None:
