@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from timeouts import scaled
 from threaded_sites import ThreadGroup, _Board
 
 from neurofed.federated.errors import FederationAuthError, FederationMismatchError
@@ -30,7 +31,7 @@ def _run(n: int, secrets: list[bytes | None], fingerprints: list[dict], committe
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(scaled(30))
     return out
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 from federated_toys import free_port, quiet_process, run_processes
 
 from neurofed.federated.collectives import Collectives
@@ -37,7 +38,7 @@ def _update(rank: int, r: int) -> torch.Tensor:
 
 def _site(rank: int, n: int, port: int, out_dir: str) -> None:
     quiet_process()
-    group = ValueRecordingGroup(FederationGroup("127.0.0.1", port, rank, n, timeout_s=60))
+    group = ValueRecordingGroup(FederationGroup("127.0.0.1", port, rank, n, timeout_s=scaled(60)))
     fed = Federation(site_rank=rank, num_sites=n)
     link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")), fed, group=group)
     strategy = SecureAggregation(FedAvg())
@@ -61,7 +62,7 @@ def _site(rank: int, n: int, port: int, out_dir: str) -> None:
 def test_three_site_processes_send_keys_once_then_only_masked_integers(tmp_path) -> None:
     n = 3
     port = free_port()
-    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=120)
+    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=scaled(STARTUP_S + 60))
     records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
     # the wire: one public key per run (32 bytes) and its MAC under the federation secret (32), then per round
     # the example count and one masked int64 vector

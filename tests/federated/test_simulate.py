@@ -29,14 +29,14 @@ ECHO = textwrap.dedent(
         time.sleep(1.0)
         sys.exit(3)  # would fail later, with the lowest rank
     if "--fail" in args:
-        time.sleep(60)
+        time.sleep(600)
     """
 )
 
 TOY_SITE = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests!r} + "/.."]
     import lightning as L, torch
     from federated_toys import ToyRegressor, site_data
     from neurofed.federated import Federation, FederatedTrainer
@@ -46,7 +46,7 @@ TOY_SITE = textwrap.dedent(
     L.seed_everything(0)
     rank = int(value("--trainer.federation.site_rank"))
     fed = Federation(address=value("--trainer.federation.address"), port=int(value("--trainer.federation.port")),
-                     site_rank=rank, num_sites=int(value("--trainer.federation.num_sites")), timeout_s=60)
+                     site_rank=rank, num_sites=int(value("--trainer.federation.num_sites")), timeout_s={timeout})
     trainer = FederatedTrainer(rounds=2, accelerator="cpu", federation=fed, enable_progress_bar=False,
                                default_root_dir=value("--data.root"), logger=False)
     model = ToyRegressor()
@@ -106,7 +106,7 @@ def test_the_first_site_to_fail_is_named_and_the_others_stopped(tmp_path):
     start = time.monotonic()
     code = sim.simulate(["fit", "--fail"], ["a", "b", "c"], entry=_script(tmp_path, "echo.py", ECHO), out=out)
     assert code == sim.FAILED == 2
-    assert time.monotonic() - start < 30  # the others were terminated, not waited for (site 1 sleeps 60 s)
+    assert time.monotonic() - start < scaled(30)  # the others were terminated, not waited for (site 1 sleeps 600 s)
     # Site 2 failed first (at once); site 0, the lowest rank, would have failed a second later.
     assert "[simulate] site 2 failed first (exit code 5)" in out.getvalue()
     assert "site 0 failed" not in out.getvalue()
@@ -150,7 +150,7 @@ def test_simulated_federation_trains_end_to_end(tmp_path):
     tests = str(Path(__file__).parent)
     out = io.StringIO()
     roots = [str(tmp_path / "s0"), str(tmp_path / "s1")]
-    code = sim.simulate(["fit"], roots, entry=_script(tmp_path, "site.py", TOY_SITE.format(tests=tests)), out=out)
+    code = sim.simulate(["fit"], roots, entry=_script(tmp_path, "site.py", TOY_SITE.format(tests=tests, timeout=scaled(60))), out=out)
     assert code == 0, out.getvalue()[-3000:]
     losses = [line.split()[-1] for line in out.getvalue().splitlines() if "final val loss" in line]
     assert len(losses) == 2 and losses[0] == losses[1]  # pooled validation loss: identical at both sites
