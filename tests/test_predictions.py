@@ -156,11 +156,10 @@ def test_too_few_or_constant_labels_give_no_correction():
     assert fit_bias_correction(same) is None
 
 
-@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
-def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
+def _predictions_of_a_real_dataset(root: Path) -> tuple[list[dict], SimpleNamespace]:
+    """Outputs and a data module for a dataset written by ``make_bids``, split as BrainMRIDataModule splits."""
     from neurofed.data import index_bids, split_subjects
 
-    root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=3)
     records, _ = index_bids(root)
     assignment = split_subjects([r.participant_id for r in records])
     by_split = {s: [r for r in records if assignment[r.participant_id] == s] for s in ("train", "val", "test")}
@@ -169,6 +168,13 @@ def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
     labels = torch.tensor([r.label for r in records])
     outputs = [{"pred": labels + 1.0, "target": labels, "participant_id": [r.participant_id for r in records],
                 "session": [r.session for r in records], "site": [r.site for r in records]}]
+    return outputs, dm
+
+
+@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
+def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
+    root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=3)
+    outputs, dm = _predictions_of_a_real_dataset(root)
     write_predictions(outputs, dm, torch.nn.Linear(1, 1), run_name=RUN, strategy="FedAvg")
     write_predictions(outputs, dm, run_name="second")
     result = subprocess.run([bids_validator(), "--format", "json", str(root / "derivatives" / "neurofed")],
@@ -185,17 +191,8 @@ def test_tables_and_data_dictionaries_follow_bids_tabular_rules(make_bids, tmp_p
     # participant, so a dataset without sessions) and check them there; a tampered copy shows it is looking.
     import shutil
 
-    from neurofed.data import index_bids, split_subjects
-
     root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=0)
-    records, _ = index_bids(root)
-    assignment = split_subjects([r.participant_id for r in records])
-    by_split = {s: [r for r in records if assignment[r.participant_id] == s] for s in ("train", "val", "test")}
-    dm = SimpleNamespace(label="age", site_names=[records[0].site], roots=[root], train_records=by_split["train"],
-                         val_records=by_split["val"], test_records=[by_split["test"]])
-    labels = torch.tensor([r.label for r in records])
-    outputs = [{"pred": labels + 1.0, "target": labels, "participant_id": [r.participant_id for r in records],
-                "session": [r.session for r in records], "site": [r.site for r in records]}]
+    outputs, dm = _predictions_of_a_real_dataset(root)
     write_predictions(outputs, dm, torch.nn.Linear(1, 1), run_name=RUN, strategy="FedAvg")
     scratch = make_bids(tmp_path / "scratch", n_subjects=6, shape=(8, 8, 8), sessions_every=0)
     (scratch / "phenotype").mkdir()
