@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from federated_toys import ToyRegressor, quiet_process, site_data
+from timeouts import scaled
 
 from neurofed.federated import DPSGD, FederatedTrainer, Federation
 
@@ -65,7 +66,7 @@ def site(rank: int, port: int, out: str) -> None:
     quiet_process()
     L.seed_everything(SEED)
     hook = CleanUpdate()
-    trainer = _trainer(Federation(port=port, site_rank=rank, num_sites=2, timeout_s=60), out, f"site{rank}", hook)
+    trainer = _trainer(Federation(port=port, site_rank=rank, num_sites=2, timeout_s=scaled(60)), out, f"site{rank}", hook)
     model = _model()
     trainer.fit(model, site_data(rank, n_train=N_TRAIN, batch_size=BATCH))
     trainer.close()

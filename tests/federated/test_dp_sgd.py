@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from federated_toys import ToyRegressor, site_data
+from timeouts import STARTUP_S, scaled
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -233,7 +234,7 @@ def test_a_site_that_replays_the_victims_step_cannot_remove_its_noise(tmp_path) 
     from noise_replay_sites import site
 
     port = free_port()
-    run_processes(site, [(k, port, str(tmp_path)) for k in range(2)], timeout=240)
+    run_processes(site, [(k, port, str(tmp_path)) for k in range(2)], timeout=scaled(STARTUP_S + 180))
     victim = torch.load(tmp_path / "victim.pt", weights_only=True)
     attacker = torch.load(tmp_path / "attacker.pt", weights_only=True)
     truth = victim["clean"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from timeouts import scaled
 from threaded_sites import ThreadGroup, _Board
 
 from neurofed.federated.errors import FederationAuthError, FederationMismatchError
@@ -40,7 +41,7 @@ def _run(n: int, fingerprints: list[dict], committed=None, declared=None, ids=No
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(scaled(30))
     return out
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from timeouts import STARTUP_S, scaled
 
 from neurofed.cli import main
 from neurofed.federated.identity import Roster, SiteIdentity
@@ -43,14 +44,15 @@ def _set_up(tmp_path) -> None:
 
 
 def _check(tmp_path, keys: list[str]) -> list[tuple[int, str]]:
-    port = str(free_port())
+    port, timeout = str(free_port()), scaled(20)
     procs = []
     for k, key in enumerate(keys):
         cmd = [sys.executable, "-m", "neurofed", "federation", "check", "--config", "configs/federated_brain_age.yaml",
-               "--site_rank", str(k), "--port", port, "--timeout_s", "20", "--key_file", str(tmp_path / key),
+               "--site_rank", str(k), "--port", port, "--timeout_s", str(timeout), "--key_file", str(tmp_path / key),
                "--roster_file", str(tmp_path / "roster.txt"), "--secret_file", str(tmp_path / "secret")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return [(p.wait(90), p.stdout.read()) for p in procs]
+    # the checks import neurofed, meet within timeout_s, then prove the secret: a failing one waits out its timeout
+    return [(p.wait(scaled(STARTUP_S) + 2 * timeout), p.stdout.read()) for p in procs]
 
 
 def test_the_set_up_commands_write_private_keys_and_a_roster_that_match(tmp_path):

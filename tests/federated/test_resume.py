@@ -4,6 +4,7 @@ of a commit, or a full disk; leftovers are cleaned; the last committed round alw
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import lightning as L
@@ -116,16 +117,36 @@ def test_a_crash_at_any_write_of_a_commit_resumes_bit_identical(tmp_path, monkey
     assert resumed_trainer.best_model_path and load(resumed_trainer.best_model_path)["epoch"] == full_trainer.state.best_round
 
 
-def test_disk_full_is_one_error_keeps_the_last_round_and_resumes(tmp_path, monkeypatch):
+class FillingDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: writes succeed until the disk is full, then fail with ENOSPC."""
+
+    def __init__(self, inner, room: int) -> None:
+        self.inner, self.room = inner, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.inner.write(data)
+
+
+@pytest.mark.parametrize("where", ["open", "inside torch.save"])
+def test_disk_full_is_one_error_keeps_the_last_round_and_resumes(tmp_path, monkeypatch, where):
     full, full_trainer, _ = _fit(tmp_path, "full", 4, generator_seed=5)
     import neurofed.atomic as atomic
 
     real = atomic.atomic_write
 
     def full_disk(path, write):
-        if "00003" in str(path):
+        if "00003" not in str(path):
+            return real(path, write)
+        if where == "open":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, write)
+        # the disk fills while torch.save streams the round: torch raises RuntimeError from its zip writer
+        return real(path, lambda f: write(FillingDisk(f, room=600)))
 
     monkeypatch.setattr(atomic, "atomic_write", full_disk)
     with pytest.raises(FederationStorageError, match=r"no space left in .*rounds to commit round 3 .* MB\); "

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from federated_toys import ToyRegressor, free_port, quiet_process, run_processes, site_data
+from timeouts import STARTUP_S, scaled
 
 from neurofed.federated import FedAvg, FederatedTrainer, Federation, SecureAggregation
 from neurofed.federated.errors import FederationError
@@ -53,12 +54,12 @@ def _site(rank: int, n: int, port: int, out_dir: str, malicious_delta: float | N
     quiet_process()
     L.seed_everything(rank)
     strategy = SecureAggregation(FedAvg(), clip_range=16.0)
-    inner = FederationGroup("127.0.0.1", port, rank, n, timeout_s=60)
+    inner = FederationGroup("127.0.0.1", port, rank, n, timeout_s=scaled(60))
     frac_bits = 52 - 2 - 4  # FixedPoint(16, 3)'s precision: the attacker knows the public settings
     group = ValueRecordingGroup(inner) if malicious_delta is None else ShiftsItsResidues(inner, malicious_delta, frac_bits)
     trainer = FederatedTrainer(rounds=ROUNDS, strategy=strategy, accelerator="cpu", logger=False, enable_progress_bar=False,
                                default_root_dir=out_dir, run_name=f"run{rank}",
-                               federation=Federation(port=port, site_rank=rank, num_sites=n, timeout_s=60))
+                               federation=Federation(port=port, site_rank=rank, num_sites=n, timeout_s=scaled(60)))
     trainer.group = group
     record: dict = {}
     try:
@@ -75,7 +76,7 @@ def _site(rank: int, n: int, port: int, out_dir: str, malicious_delta: float | N
 
 def test_three_sites_send_nothing_individual_in_the_clear_but_handshake_keys_names_and_checks(tmp_path) -> None:
     n, port = 3, free_port()
-    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=240)
+    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=scaled(STARTUP_S + 180))
     records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
     for rec in records:
         assert "error" not in rec, rec.get("error")
@@ -95,7 +96,8 @@ def test_a_malicious_sites_residue_outside_the_range_stops_the_round_at_every_si
     """Before, adding Δ·2^f after masking moved a coordinate of the global model by up to ±16,384 (n 3, R 16),
     silently, at every site. Now the decoded weighted mean must lie in [−R, R]: Δ = 100 is caught."""
     n, port = 3, free_port()
-    run_processes(_site, [(k, n, port, str(tmp_path), 100.0 if k == 2 else None) for k in range(n)], timeout=240)
+    run_processes(_site, [(k, n, port, str(tmp_path), 100.0 if k == 2 else None) for k in range(n)],
+                  timeout=scaled(STARTUP_S + 180))
     records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
     for rec in records:
         assert rec.get("error", "").startswith("FederationIntegrityError"), rec.get("error")

@@ -83,6 +83,81 @@ def test_fedopt_family_matches_numpy_over_two_rounds(rule, moment, bias_correcti
         np.testing.assert_allclose(got[r], expected, rtol=0, atol=2e-6)
 
 
+# Flower's FedOpt rules (flwr 1.42, ``flwr/server/strategy/fedadam.py``, ``fedyogi.py``, ``fedadagrad.py``),
+# written out from their ``aggregate_fit``: Δ = example-weighted mean − current weights, m = β1·m + (1−β1)·Δ
+# from zeros, then the rule's v; FedAdam steps by η·√(1−β2^(r+1))/(1−β1^(r+1)) with r = server_round (from 1)
+# and τ on the uncorrected √v; FedYogi and FedAdagrad step by η; FedAdagrad passes β1 = β2 = 0 to FedOpt.
+FLOWER = {
+    "FedAdam": dict(eta=1e-1, beta_1=0.9, beta_2=0.99, tau=1e-9,
+                    v=lambda v, d2, b2: b2 * v + (1 - b2) * d2,
+                    eta_r=lambda eta, b1, b2, r: eta * np.sqrt(1 - b2 ** (r + 1.0)) / (1 - b1 ** (r + 1.0))),
+    "FedYogi": dict(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3,
+                    v=lambda v, d2, b2: v - (1.0 - b2) * d2 * np.sign(v - d2),
+                    eta_r=lambda eta, b1, b2, r: eta),
+    "FedAdagrad": dict(eta=1e-1, beta_1=0.0, beta_2=0.0, tau=1e-9,
+                       v=lambda v, d2, b2: v + d2,
+                       eta_r=lambda eta, b1, b2, r: eta),
+}
+# neurofed's setting for each: Flower's defaults, and what makes the rule Flower's.
+FLOWER_COMPATIBLE = {
+    "FedAdam": lambda: FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9, bias_correction="flower"),
+    "FedYogi": lambda: FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3),
+    "FedAdagrad": lambda: FedAdagrad(eta=0.1, beta1=0.0, tau=1e-9),
+}
+# Six rounds at three sites whose models stay near the global one, as after a few local steps.
+FL_RNG = np.random.default_rng(11)
+FL_COUNTS = [[40.0, 25.0, 61.0]] * 6
+FL_PARAMS = [(START + 0.05 * FL_RNG.normal(size=(3, 6))).astype(np.float32) for _ in range(6)]
+
+
+def _flower(name: str) -> list[np.ndarray]:
+    f = FLOWER[name]
+    weights, m, v, out = START.astype(np.float64), None, None, []
+    for server_round, (params, counts) in enumerate(zip(FL_PARAMS, FL_COUNTS), start=1):
+        delta = _mean(params, counts) - weights
+        m = np.zeros_like(delta) if m is None else m
+        v = np.zeros_like(delta) if v is None else v
+        m = f["beta_1"] * m + (1 - f["beta_1"]) * delta
+        v = f["v"](v, delta * delta, f["beta_2"])
+        eta = f["eta_r"](f["eta"], f["beta_1"], f["beta_2"], server_round)
+        weights = weights + eta * m / (np.sqrt(v) + f["tau"])
+        out.append(weights)
+    return out
+
+
+def _neurofed_rounds(make) -> list[np.ndarray]:
+    rounds = [([torch.from_numpy(p) for p in params], counts) for params, counts in zip(FL_PARAMS, FL_COUNTS)]
+    results = run_rule(make, rounds, torch.from_numpy(START))
+    return [per_site[0].numpy().astype(np.float64) for per_site in results]
+
+
+def flower_difference(name: str, make=None) -> float:
+    """Max abs difference over six rounds between a neurofed rule (default: its Flower setting) and Flower's."""
+    got, expected = _neurofed_rounds(make or FLOWER_COMPATIBLE[name]), _flower(name)
+    return max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", sorted(FLOWER))
+def test_flower_compatible_settings_equal_flowers_rules(name) -> None:
+    assert flower_difference(name) < 1e-5  # float32 rounding over six rounds; the global vector is ~1
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("FedAdam", lambda: FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9, bias_correction="adam")),
+    ("FedYogi", lambda: FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction="adam")),
+    ("FedAdagrad", lambda: FedAdagrad(eta=0.1, tau=1e-9)),
+], ids=["adam-correction", "yogi-corrected", "adagrad-momentum"])
+def test_other_settings_are_not_flowers(name, make) -> None:
+    # what the docstrings used to call Flower's: Adam's moment correction, a corrected Yogi, Adagrad with β1 = 0.9
+    assert flower_difference(name, make) > 1e-3
+
+
+def test_bias_correction_names_its_choices() -> None:
+    assert FedAdam(bias_correction=True).bias_correction == "adam" and FedAdam().bias_correction == "none"
+    with pytest.raises(ValueError, match="bias_correction must be one of none, adam, flower"):
+        FedAdam(bias_correction="kingma")
+
+
 def test_fedmedian_matches_numpy_and_ignores_unsampled_sites() -> None:
     got = _run(FedMedian)
     np.testing.assert_allclose(got[0], np.median(PARAMS[0], axis=0), rtol=0, atol=1e-7)  # 4 sites: even count

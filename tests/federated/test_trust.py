@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 from trust_sites import outsider, real_site, relay
 
 from neurofed.federated.commit import committed_rounds
 from neurofed.federated.simulate import free_port
 
 pytestmark = pytest.mark.slow
+
+#: The federation's timeout_s in the tests whose sites must meet before they can fail (a mismatch, an outsider).
+MEET_S = scaled(10)
 
 
 def _start(target, *args):
@@ -24,8 +28,9 @@ def _start(target, *args):
     return p
 
 
-def _join(procs, timeout=90) -> None:
-    deadline = time.monotonic() + timeout
+def _join(procs) -> None:
+    # every process imports torch and Lightning, then meets the others within its timeout_s and trains a toy
+    deadline = time.monotonic() + scaled(STARTUP_S + 60)
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))
     for p in procs:
@@ -61,8 +66,8 @@ def test_a_store_outsider_without_the_secret_cannot_hold_a_seat(tmp_path):
     the old protocol's names) before site 1 arrives; its values carry no tag under the secret, so they are no
     claim, and the federation forms and trains as soon as the real site 1 comes."""
     port, secret = free_port(), _secret(tmp_path)
-    site0 = _start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": 30})
-    site1 = _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": 30,
+    site0 = _start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": MEET_S})
+    site1 = _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": MEET_S,
                                                                   "wait_for": str(tmp_path / "outsider-done")})
     time.sleep(3.0)  # site 0 hosts the rendezvous
     attacker = _start(outsider, port, 1, str(tmp_path))
@@ -90,11 +95,11 @@ def test_a_relay_that_forwards_a_genuine_sites_handshake_is_refused(tmp_path):
     binds the nonces of the session site 1 saw, which are not the real federation's: refused, nothing else sent."""
     real_port, fake_port, secret = free_port(), free_port(), _secret(tmp_path)
     ids = _identities(tmp_path, 2)
-    site0 = _start(real_site, 0, 2, real_port, str(tmp_path), secret, {"timeout": 15, **ids[0]})
+    site0 = _start(real_site, 0, 2, real_port, str(tmp_path), secret, {"timeout": scaled(15), **ids[0]})
     time.sleep(3.0)  # site 0 hosts the real rendezvous
     man_in_the_middle = _start(relay, real_port, fake_port, secret, str(tmp_path))
     time.sleep(1.0)  # the relay hosts the rendezvous that site 1 reaches
-    genuine1 = _start(real_site, 1, 2, real_port, str(tmp_path), secret, {"timeout": 15, "port": fake_port, **ids[1]})
+    genuine1 = _start(real_site, 1, 2, real_port, str(tmp_path), secret, {"timeout": scaled(15), "port": fake_port, **ids[1]})
     _join([site0, man_in_the_middle, genuine1])
     got = torch.load(tmp_path / "relay.pt", weights_only=False)
     assert got.get("forwarded"), got
@@ -155,9 +160,9 @@ def test_non_finite_and_outsized_updates_are_left_out_and_training_goes_on(tmp_p
 ])
 def test_each_disagreeing_setting_fails_every_site_within_the_timeout_naming_it(tmp_path, field, option):
     port, secret = free_port(), _secret(tmp_path)
-    procs = [_start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": 10}),
-             _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": 10, **option})]
+    procs = [_start(real_site, 0, 2, port, str(tmp_path), secret, {"timeout": MEET_S}),
+             _start(real_site, 1, 2, port, str(tmp_path), secret, {"timeout": MEET_S, **option})]
     _join(procs)
     for s in _results(tmp_path, 2):
         assert s["error"] in ("FederationMismatchError", "FederationConfigError"), s
-        assert field in s["message"] and s["seconds"] < 10 + 5
+        assert field in s["message"] and s["seconds"] < MEET_S + scaled(5)

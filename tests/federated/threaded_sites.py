@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from timeouts import scaled
 
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.config import Federation
@@ -23,7 +24,7 @@ from neurofed.federated.wire import check_payload
 class _Board:
     def __init__(self, n: int) -> None:
         self.n = n
-        self.barrier = threading.Barrier(n, timeout=30)
+        self.barrier = threading.Barrier(n, timeout=scaled(30))
         self.slots: list[torch.Tensor | None] = [None] * n
 
     def exchange(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from federated_toys import ToyRegressor, quiet_process, site_data, state_of
+from timeouts import scaled
 
 from neurofed.federated import FederatedTrainer, Federation
 from neurofed.federated.errors import FederationError
@@ -69,7 +70,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
             time.sleep(0.02)
     L.seed_everything(100 + rank)
     fed = Federation(port=options.get("port", port), site_rank=rank, num_sites=options.get("num_sites", n),
-                     timeout_s=options.get("timeout", 20), secret_file=secret_file,
+                     timeout_s=options.get("timeout") or scaled(20), secret_file=secret_file,
                      max_update_norm=options.get("max_update_norm"), key_file=options.get("key_file"),
                      roster_file=options.get("roster_file"))
     model = ToyRegressor(**options.get("model", {}))
@@ -84,7 +85,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
 
-            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20, secret=fed.load_secret()),
+            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, scaled(20), secret=fed.load_secret()),
                                           *options["alter_at"])
         trainer.fit(model, site_data(rank))
         result.update(final=state_of(model), history=trainer.history)
@@ -101,7 +102,7 @@ def outsider(port: int, seat: int, out: str) -> None:
     """Without the secret, takes seat ``seat`` before its site arrives: lists the store's keys (TCPStore lets
     anyone), and writes a claim, a size and a heartbeat for that seat under every prefix it finds and under the
     old names, for a few seconds; then it leaves, and ``outsider-done`` tells the real site to come."""
-    timeout = timedelta(seconds=20)
+    timeout = timedelta(seconds=scaled(20))
     store = dist.TCPStore("127.0.0.1", port, None, False, timeout, False)
     prefixes = set()
     written = 0
@@ -130,8 +131,8 @@ def relay(real_port: int, fake_port: int, secret_file: str, out: str) -> None:
     secret = Path(secret_file).read_bytes().strip()
     got: dict = {}
     try:
-        fake = FederationGroup("127.0.0.1", fake_port, 0, 2, timeout_s=20, secret=secret)  # the genuine site 1 joins
-        real = FederationGroup("127.0.0.1", real_port, 1, 2, timeout_s=20, secret=secret)  # seat 1 of the real one
+        fake = FederationGroup("127.0.0.1", fake_port, 0, 2, timeout_s=scaled(20), secret=secret)  # the genuine site 1 joins
+        real = FederationGroup("127.0.0.1", real_port, 1, 2, timeout_s=scaled(20), secret=secret)  # seat 1 of the real one
         hello_1 = fake.all_gather(bytes_tensor(bytes(HELLO_BYTES)), "handshake")[1]         # site 1's genuine hello
         got["real hellos"] = real.all_gather(hello_1, "handshake")                         # forwarded as seat 1's
         signature_1 = fake.all_gather(bytes_tensor(bytes(SIGNATURE_BYTES)), "handshake")[1]

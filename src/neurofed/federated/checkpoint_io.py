@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["CheckpointError", "load"]
 
 
@@ -24,6 +22,8 @@ class CheckpointError(RuntimeError):
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Load a checkpoint written by :func:`neurofed.atomic.atomic_save`, with an error naming the file on failure."""
+    import torch  # here, so that reading run folders (``neurofed status``) never imports it
+
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist; check ckpt_path (or the run's checkpoint folder)")

@@ -16,6 +16,10 @@ altered address fails its check) nor hold a seat (a claim without a valid tag is
 whose heartbeat stopped is taken over), although it can still delete keys: denial of service is what the
 VPN overlay or a firewall stops. Site 0's store listens only on ``bind_address`` (default: the configured
 address, so loopback stays loopback), and every site's gloo connections listen on that address too.
+
+The store lives in site 0's process, so sites leave in order: each stops its heartbeat and marks itself as
+leaving, and site 0 keeps the store up until every other site has left or stopped beating. A peer then never
+finds the store gone under a heartbeat (which torch reports with a C++ stack trace).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from neurofed.federated.config import is_loopback
-from neurofed.federated.errors import FederationConfigError, FederationTimeoutError
+from neurofed.federated.errors import FederationConfigError, FederationError, FederationTimeoutError
 from neurofed.federated.wire import check_payload
 
 __all__ = ["AuthenticatedStore", "FederationGroup", "FederationTimeoutError", "LocalGroup", "RecordingGroup"]
@@ -123,6 +127,8 @@ def rendezvous_prefix(secret: bytes | None) -> str:
 #: Seconds between heartbeats; a site silent for ``_GONE_AFTER`` heartbeats is named as having left.
 _HEARTBEAT_S = 1.0
 _GONE_AFTER = 4
+#: Longest that site 0 keeps the rendezvous up for the other sites to leave (also bounded by ``timeout_s``).
+_LEAVE_WAIT_S = 60.0
 
 
 def _wire_copy(t: Tensor) -> Tensor:
@@ -151,6 +157,7 @@ class FederationGroup:
         self._pg = self._store = None
         self._secret, self._pre = secret, rendezvous_prefix(secret)
         self._claim = _secrets.token_hex(16)  # this process's seat claim
+        self._seated = False  # this process holds its seat (and may mark it as leaving)
         self._stop = threading.Event()
         timeout = timedelta(seconds=self.timeout_s)
         log.info("site %d/%d joining the federation at %s:%d", site_rank, num_sites, address, port)
@@ -164,6 +171,9 @@ class FederationGroup:
             self._raw_store = raw
             self._store = self._wrap(raw)
             self._claim_seat()
+            self._beat = threading.Thread(target=self._heartbeat, name="neurofed-heartbeat", daemon=True)
+            self._beat.start()
+            self._wait_for_seats()
             options = dist.ProcessGroupGloo._Options()
             options._timeout = timeout
             options._devices = [
@@ -174,14 +184,12 @@ class FederationGroup:
             if self._secret is not None:
                 gloo_store = AuthenticatedStore(gloo_store, self._secret)
             self._pg = dist.ProcessGroupGloo(gloo_store, self.site_rank, self.num_sites, options)
-        except FederationConfigError:
+        except FederationError:  # already says what went wrong (a taken seat, a site that never joined)
             self.close()
             raise
         except RuntimeError as e:  # DistStoreError / DistNetworkError / gloo errors are RuntimeErrors
             self.close()
             raise self._timeout_error("could not form the federation", e) from e
-        self._beat = threading.Thread(target=self._heartbeat, name="neurofed-heartbeat", daemon=True)
-        self._beat.start()
         atexit.register(self.close)  # a process that stops on an error still leaves the group cleanly
 
     # -- before the group: the listening socket, the seat, the size -----------------------------------
@@ -221,6 +229,14 @@ class FederationGroup:
                     ) from e
                 time.sleep(0.2)
 
+    def _rendezvous_open(self) -> bool:
+        """Whether site 0's rendezvous still accepts connections."""
+        try:
+            socket.create_connection((self.address, self.port), timeout=1.0).close()
+            return True
+        except OSError:
+            return False
+
     def _wrap(self, store: dist.Store):
         return AuthenticatedStore(store, self._secret) if self._secret is not None else _OpenStore(store)
 
@@ -244,27 +260,36 @@ class FederationGroup:
                 )
             log.warning("site %d: taking over seat %d, whose holder stopped sending heartbeats", me, me)
         store.set(seat, self._claim)
+        self._seated = True
         store.set(f"{self._pre}/size/{me}", str(self.num_sites))
         store.set(f"{self._pre}/alive/{me}", repr(time.time()))
-        others = [0] if me != 0 else list(range(1, self.num_sites))
+
+    def _wait_for_seats(self) -> None:
+        """Wait, at most ``timeout_s``, until every seat holds an authenticated size; name the sites that never
+        joined. The store is polled rather than waited on: a blocking wait that times out makes torch print C++
+        warnings, and a polled one can tell which seats are still empty (an outsider's value is not a size).
+        """
+        store, me = self._store, self.site_rank
+        missing = [k for k in range(self.num_sites) if k != me]
         deadline = time.monotonic() + self.timeout_s
-        for k in others:
-            theirs = None
-            while theirs is None:  # wait for an authenticated size (an outsider's value is not one)
+        while missing:
+            for k in list(missing):
                 theirs = store.valid(f"{self._pre}/size/{k}")
                 if theirs is None:
-                    if time.monotonic() >= deadline:
-                        raise FederationTimeoutError(
-                            f"site {me} of {self.num_sites}: site {k} did not join the federation at {self.address}:"
-                            f"{self.port} within timeout_s={self.timeout_s:g} s; is it running, with the same address, "
-                            "port, num_sites and secret?"
-                        )
-                    time.sleep(0.1)
-            if int(theirs) != self.num_sites:
-                raise FederationConfigError(
-                    f"federation settings differ: num_sites is {int(theirs)} at site {k} but {self.num_sites} at site "
-                    f"{me}; give every site the same --trainer.federation.num_sites"
+                    continue
+                if int(theirs) != self.num_sites:
+                    raise FederationConfigError(
+                        f"federation settings differ: num_sites is {int(theirs)} at site {k} but {self.num_sites} at "
+                        f"site {me}; give every site the same --trainer.federation.num_sites"
+                    )
+                missing.remove(k)
+            if missing and time.monotonic() >= deadline:
+                raise FederationTimeoutError(
+                    f"site {me} of {self.num_sites}: site {', '.join(map(str, missing))} did not join the federation "
+                    f"at {self.address}:{self.port} within timeout_s={self.timeout_s:g} s; is it running, with the "
+                    "same address, port, num_sites and secret?"
                 )
+            time.sleep(0.05 if missing else 0)
 
     def _heartbeat(self) -> None:
         """Write this site's sign of life every second, on its own store connection, until closed."""
@@ -355,7 +380,7 @@ class FederationGroup:
         self._wait(self._pg.barrier(), "barrier")
 
     def close(self) -> None:
-        """Release the group; safe to call twice."""
+        """Leave the federation in order (see the module docstring) and release the group; safe to call twice."""
         self._stop.set()
         beat = getattr(self, "_beat", None)
         if beat is not None and beat is not threading.current_thread():
@@ -363,10 +388,46 @@ class FederationGroup:
         pg, self._pg = getattr(self, "_pg", None), None
         if pg is not None:
             try:
-                pg.shutdown()
+                pg.shutdown()  # a peer still inside a collective with this site fails now, not at its timeout
             except RuntimeError as e:
                 log.debug("federation group shutdown: %s", e)
-        self._store = None
+        store, self._store = getattr(self, "_store", None), None
+        if store is not None and self._seated:
+            self._leave(store)
+
+    def _leave(self, store) -> None:
+        """Mark this site as leaving; site 0, whose process holds the store, first waits for the others.
+
+        Site 0 waits until every other site has marked itself as leaving or has sent no heartbeat for
+        ``_GONE_AFTER`` periods (crashed, or never joined), at most ``timeout_s`` or ``_LEAVE_WAIT_S``.
+        """
+        me, pre = self.site_rank, self._pre
+        if me != 0 and not self._rendezvous_open():
+            return  # site 0 is gone already: writing to its store would only print torch's C++ warnings
+        try:
+            store.set(f"{pre}/left/{me}", "1")
+            if me != 0:
+                return
+            deadline, told = time.monotonic() + min(self.timeout_s, _LEAVE_WAIT_S), False
+            last_beat: dict[int, tuple[bytes | None, float]] = {}
+            started = time.monotonic()
+            waiting = list(range(1, self.num_sites))
+            while waiting and time.monotonic() < deadline:
+                now = time.monotonic()
+                for k in list(waiting):
+                    beat = store.valid(f"{pre}/alive/{k}")
+                    if k not in last_beat or beat != last_beat[k][0]:
+                        last_beat[k] = (beat, now)
+                    silent = beat is None or now - last_beat[k][1] > _GONE_AFTER * _HEARTBEAT_S
+                    if silent or store.valid(f"{pre}/left/{k}") is not None:
+                        waiting.remove(k)
+                if waiting and not told and now > started + 5.0:
+                    log.info("site 0: waiting for site %s to leave before closing the rendezvous",
+                             ", ".join(map(str, waiting)))
+                    told = True
+                time.sleep(0.1 if waiting else 0)
+        except RuntimeError as e:  # the store itself is gone (site 0 crashed): nothing left to leave
+            log.debug("federation store while leaving: %s", e)
 
     def __enter__(self) -> FederationGroup:
         return self

@@ -41,6 +41,7 @@ from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, St
 from neurofed.federated.strategies.secure_aggregation import secure_aggregation_of
 from neurofed.federated.target_stats import share_target_stats
 from neurofed.federated.weight_average import WeightAverage
+from neurofed.tracking import run_config
 
 __all__ = ["FederatedTrainer"]
 
@@ -189,6 +190,9 @@ class FederatedTrainer:
         self.plateau: PlateauLR | None = None
         self._global_vec: torch.Tensor | None = None  # the aggregated entries every site holds
         self._keys: list[str] = []
+        #: The configuration the trainer was built from (``trainer``/``model``/``data`` sections), which the
+        #: loggers record; the ``neurofed`` command sets its resolved one. ``None``: the trainer's own settings.
+        self.config: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -256,9 +260,8 @@ class FederatedTrainer:
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
-        for lg in site.loggers:  # what the sites agreed on, and where this site sits
-            lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
-                                "devices": str(self.devices), "num_nodes": site.num_nodes, "privacy": repr(self.privacy)})
+        for lg in site.loggers:  # the run's settings, one dotted name each, and where this site sits
+            lg.log_hyperparams(run_config(self, model, site.name))
 
         share_target_stats(site.link, model, datamodule)
         self.state = ckpt.RoundState()
