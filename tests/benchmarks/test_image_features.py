@@ -1,0 +1,91 @@
+"""The SDMT floor's image features track the damage the generator draws, one driver at a time.
+
+One MS patient is rendered several times with a single latent variable changed (lesion load, thalamic loss,
+biological age), preprocessed as the SDMT models see it (4 mm, 48x56x48), and the feature meant to detect that
+change must rise with it. A feature that stops tracking its driver fails here.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+
+import image_features  # noqa: E402
+
+from neurofed.data.preprocessing import PreprocessConfig, output_affine, preprocess  # noqa: E402
+from neurofed.data.synth import get_site  # noqa: E402
+from neurofed.data.synth.demographics import draw_subject  # noqa: E402
+from neurofed.data.synth.generate import synthesize_scan, write_nifti  # noqa: E402
+
+MODEL_INPUT = PreprocessConfig(spacing=4.0, shape=(48, 56, 48))
+
+
+def _model_view(subject, path: Path, site: str = "prague") -> np.ndarray:
+    """The subject's scan (4 mm) written, preprocessed as the models see it, and put in template space."""
+    data, affine = synthesize_scan(subject, 0.0, 0, get_site(site), 4.0)
+    write_nifti(path, data, affine)
+    return image_features.template_space(preprocess(path, MODEL_INPUT), output_affine(path, MODEL_INPUT))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The normative reference of six MS patients' scans (a site's training split in miniature)."""
+    folder = tmp_path_factory.mktemp("reference")
+    rng = np.random.default_rng(0)
+    images = [_model_view(draw_subject(rng, f"sub-{i}", "ms", (20.0, 65.0)), folder / f"r{i}.nii.gz")
+              for i in range(6)]
+    return image_features.NormativeReference.fit(np.stack(images))
+
+
+@pytest.fixture(scope="module")
+def patient():
+    """A patient with little damage of every kind, so that each driver can be raised alone."""
+    drawn = draw_subject(np.random.default_rng(7), "sub-x", "ms", (20.0, 65.0))
+    return replace(drawn, age=44.0, duration=5.0, lesion_ml=1.0, thalamic_offset=0.0, gap=0.0)
+
+
+@pytest.mark.parametrize("driver, values, feature, rise", [
+    ("lesion_ml", (0.3, 5.0, 25.0), "lesion_burden", 1.5),
+    ("thalamic_offset", (-0.05, 0.05, 0.15), "thalamic_darkening", 0.02),
+    ("gap", (-8.0, 4.0, 16.0), "ventricle_darkening", 0.03),
+])
+def test_each_feature_rises_with_its_driver(tmp_path, reference, patient, driver, values, feature, rise):
+    measured = [image_features.scan_features(_model_view(replace(patient, **{driver: v}), tmp_path / f"{i}.nii.gz"),
+                                             reference)[feature] for i, v in enumerate(values)]
+    assert all(b > a for a, b in zip(measured, measured[1:])), (driver, values, measured)
+    assert measured[-1] - measured[0] > rise, (driver, measured)
+
+
+def test_intensity_normalisation_removes_scale_and_bias(tmp_path, patient):
+    """The same brain seen by two scanners (contrast, intensity scale, bias field) gives nearly the same
+    template-space image: the features compare brains, not scanners."""
+    a = _model_view(patient, tmp_path / "a.nii.gz", site="prague")
+    b = _model_view(patient, tmp_path / "b.nii.gz", site="greifswald")
+    wm = image_features.regions().white_matter
+    assert abs(np.median(a[wm]) - 1.0) < 0.03 and abs(np.median(b[wm]) - 1.0) < 0.03
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def test_reference_from_sums_equals_the_pooled_fit():
+    rng = np.random.default_rng(1)
+    site_a, site_b = rng.normal(1.0, 0.1, (5, *image_features.GRID_SHAPE)), rng.normal(1.0, 0.2, (3, *image_features.GRID_SHAPE))
+    pooled = image_features.NormativeReference.fit(np.concatenate([site_a, site_b]))
+    summed = image_features.NormativeReference.from_sums(
+        8, site_a.sum(0) + site_b.sum(0), (site_a**2).sum(0) + (site_b**2).sum(0))
+    np.testing.assert_allclose(summed.mean, pooled.mean, rtol=1e-5)
+    np.testing.assert_allclose(summed.sd, pooled.sd, rtol=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        image_features.NormativeReference.from_sums(1, site_a[0], site_a[0] ** 2)
+
+
+def test_a_scan_outside_template_space_is_refused():
+    far = np.eye(4)
+    far[:3, 3] = 1000.0  # the field of view lies a metre from the template brain
+    with pytest.raises(ValueError, match="MNI152"):
+        image_features.normalise(np.ones((48, 56, 48), np.float32), far)
