@@ -165,30 +165,48 @@ def template_space(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NormativeReference:
-    """Per-voxel mean and SD of training scans on the feature grid, from their sums (federation-compatible)."""
+    """Per-voxel sums over training scans on the feature grid: n, Σx, Σx² (sites' sums add up, as a federation
+    would sum them). The mean and SD per voxel follow from them.
 
-    mean: np.ndarray
-    sd: np.ndarray
+    A training scan must be compared with the reference *without* itself (:meth:`without`): a scan inside the mean
+    and SD it is measured against can lie at most √(n − 1) SDs from them, so its lesions would look smaller than
+    the same lesions in a held-out scan, and a model fitted on training scans would not transfer.
+    """
 
-    @classmethod
-    def from_sums(cls, n: int, total: np.ndarray, total_sq: np.ndarray) -> NormativeReference:
-        if n < 2:
-            raise ValueError(f"a normative reference needs at least 2 training scans, got {n}")
-        mean = total / n
-        var = np.maximum(total_sq / n - mean**2, 0.0) * n / (n - 1)
-        return cls(mean.astype(np.float32), np.sqrt(var).astype(np.float32) + 0.02)  # floor: noise-free voxels
+    n: int
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"a normative reference needs at least 2 training scans, got {self.n}")
 
     @classmethod
     def fit(cls, images: np.ndarray) -> NormativeReference:
         """From training images ``[N, *GRID_SHAPE]`` (what each site would sum and send)."""
         images = np.asarray(images, dtype=np.float64)
-        return cls.from_sums(len(images), images.sum(0), (images**2).sum(0))
+        return cls(len(images), images.sum(0), (images**2).sum(0))
+
+    def __add__(self, other: NormativeReference) -> NormativeReference:
+        return NormativeReference(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
+    def without(self, image: np.ndarray) -> NormativeReference:
+        """The reference of the other training scans (leave one out)."""
+        image = np.asarray(image, dtype=np.float64)
+        return NormativeReference(self.n - 1, self.total - image, self.total_sq - image**2)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and SD per voxel; the SD has a floor of 0.02 (white matter is 1) for voxels the scans agree on."""
+        mean = self.total / self.n
+        var = np.maximum(self.total_sq / self.n - mean**2, 0.0) * self.n / (self.n - 1)
+        return mean, np.sqrt(var) + 0.02
 
 
 def scan_features(image: np.ndarray, reference: NormativeReference) -> dict[str, float]:
     """The three features of one scan already in template space (:func:`template_space`)."""
     rg = regions()
-    z = (image[rg.white_matter] - reference.mean[rg.white_matter]) / reference.sd[rg.white_matter]
+    mean, sd = reference.moments()
+    z = (image[rg.white_matter] - mean[rg.white_matter]) / sd[rg.white_matter]
     return {
         "ventricle_darkening": float(1.0 - image[rg.ventricle_ring].mean()),
         "thalamic_darkening": float(image[rg.basal_ganglia].mean() - image[rg.thalamus].mean()),
@@ -196,6 +214,8 @@ def scan_features(image: np.ndarray, reference: NormativeReference) -> dict[str,
     }
 
 
-def feature_matrix(images: np.ndarray, reference: NormativeReference) -> np.ndarray:
-    """``[N, len(FEATURES)]`` for images ``[N, *GRID_SHAPE]``."""
-    return np.array([[f[name] for name in FEATURES] for f in (scan_features(im, reference) for im in images)])
+def feature_matrix(images: np.ndarray, reference: NormativeReference, in_reference: bool = False) -> np.ndarray:
+    """``[N, len(FEATURES)]`` for images ``[N, *GRID_SHAPE]``; ``in_reference``: the images are the reference's
+    own training scans, each then measured against the others (:meth:`NormativeReference.without`)."""
+    rows = [scan_features(im, reference.without(im) if in_reference else reference) for im in images]
+    return np.array([[f[name] for name in FEATURES] for f in rows]).reshape(-1, len(FEATURES))

@@ -242,11 +242,12 @@ def image_feature_matrices(sites: list[Site]) -> dict[str, dict[str, np.ndarray]
     import image_features
 
     images = {s.name: {sp: template_images(s, sp) for sp in ("train", "val", "test")} for s in sites}
-    n = sum(len(images[s.name]["train"]) for s in sites)
-    total = sum(images[s.name]["train"].astype(np.float64).sum(0) for s in sites)
-    total_sq = sum((images[s.name]["train"].astype(np.float64) ** 2).sum(0) for s in sites)
-    reference = image_features.NormativeReference.from_sums(n, total, total_sq)
-    return {name: {sp: image_features.feature_matrix(im, reference).reshape(-1, len(image_features.FEATURES))
+    reference = None
+    for s in sites:  # each site sums its own training scans; the sums add up
+        if len(images[s.name]["train"]):
+            part = image_features.NormativeReference.fit(images[s.name]["train"])
+            reference = part if reference is None else reference + part
+    return {name: {sp: image_features.feature_matrix(im, reference, in_reference=sp == "train")
                    for sp, im in by_split.items()} for name, by_split in images.items()}
 
 

@@ -156,14 +156,20 @@ def ms_ceiling(site_dir: Path) -> dict[str, float] | None:
     y = np.array([first[p]["sdmt"] for p in pids])
     oracle = heldout_predictions(_oracle_matrix([first[p] for p in pids]), y)
     images = np.stack([template_image(_first_scan(site_dir, p)) for p in pids])
-    image = heldout_predictions(
-        lambda train: image_features.feature_matrix(images, image_features.NormativeReference.fit(images[train])), y)
+
+    def features(train: np.ndarray) -> np.ndarray:  # the lesion reference from the training folds only
+        reference = image_features.NormativeReference.fit(images[train])
+        x = image_features.feature_matrix(images, reference)
+        x[train] = image_features.feature_matrix(images[train], reference, in_reference=True)
+        return x
+
+    image = heldout_predictions(features, y)
     mean = heldout_predictions(np.empty((len(y), 0)), y)
     out = {"n": len(y)}
     out["oracle_r2"], out["oracle_mae"] = _scores(y, oracle)
     out["image_r2"], out["image_mae"] = _scores(y, image)
     out["mean_r2"], out["mean_mae"] = _scores(y, mean)
-    feats = image_features.feature_matrix(images, image_features.NormativeReference.fit(images))
+    feats = image_features.feature_matrix(images, image_features.NormativeReference.fit(images), in_reference=True)
     column = {name: feats[:, j] for j, name in enumerate(image_features.FEATURES)}
     out["r_lesion_feature"], _ = _r(column["lesion_burden"], np.array([first[p]["log_lesion"] for p in pids]))
     out["r_thalamic_feature"], _ = _r(column["thalamic_darkening"], np.array([first[p]["thalamic_loss"] for p in pids]))

@@ -72,16 +72,35 @@ def test_intensity_normalisation_removes_scale_and_bias(tmp_path, patient):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
 
 
-def test_reference_from_sums_equals_the_pooled_fit():
+def test_site_sums_add_up_to_the_pooled_reference_and_leave_one_out_is_the_others():
     rng = np.random.default_rng(1)
-    site_a, site_b = rng.normal(1.0, 0.1, (5, *image_features.GRID_SHAPE)), rng.normal(1.0, 0.2, (3, *image_features.GRID_SHAPE))
+    shape = image_features.GRID_SHAPE
+    site_a, site_b = rng.normal(1.0, 0.1, (5, *shape)), rng.normal(1.0, 0.2, (3, *shape))
     pooled = image_features.NormativeReference.fit(np.concatenate([site_a, site_b]))
-    summed = image_features.NormativeReference.from_sums(
-        8, site_a.sum(0) + site_b.sum(0), (site_a**2).sum(0) + (site_b**2).sum(0))
-    np.testing.assert_allclose(summed.mean, pooled.mean, rtol=1e-5)
-    np.testing.assert_allclose(summed.sd, pooled.sd, rtol=1e-4)
+    summed = image_features.NormativeReference.fit(site_a) + image_features.NormativeReference.fit(site_b)
+    for a, b in zip(summed.moments(), pooled.moments()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    others = image_features.NormativeReference.fit(np.concatenate([site_a[1:], site_b]))
+    for a, b in zip(pooled.without(site_a[0]).moments(), others.moments()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="at least 2"):
-        image_features.NormativeReference.from_sums(1, site_a[0], site_a[0] ** 2)
+        image_features.NormativeReference.fit(site_a[:1])
+
+
+def test_a_training_scan_is_measured_without_itself(tmp_path, reference, patient):
+    """A lesioned scan looks as lesioned when it is one of the reference's training scans as when it is not."""
+    from neurofed.data.synth.demographics import draw_subject as draw
+
+    lesioned = _model_view(replace(patient, lesion_ml=25.0), tmp_path / "lesioned.nii.gz")
+    healthy_looking = [_model_view(draw(np.random.default_rng(i), "s", "ms", (20.0, 65.0)), tmp_path / f"{i}.nii.gz")
+                       for i in range(10, 13)]
+    held_out = image_features.feature_matrix(lesioned[None], reference)[0]
+    inside = reference + image_features.NormativeReference.fit(np.stack([lesioned, *healthy_looking]))
+    as_member = image_features.feature_matrix(np.stack([lesioned]), inside, in_reference=True)[0]
+    naive = image_features.feature_matrix(np.stack([lesioned]), inside)[0]
+    burden = image_features.FEATURES.index("lesion_burden")
+    assert naive[burden] < as_member[burden]  # measured against a mean it is part of, the lesions shrink
+    assert as_member[burden] == pytest.approx(held_out[burden], rel=0.35)
 
 
 def test_a_scan_outside_template_space_is_refused():
