@@ -134,7 +134,7 @@ def train(args: argparse.Namespace, settings: argparse.Namespace, sizes: list[tu
                 "--trainer.strategy.class_path", rep.STRATEGIES["fedavg"], "--trainer.run_name", f"brain_age_s{seed}"),
                 logs / f"brain_age_s{seed}.log")
         for patients, roots, n_seeds in sizes:
-            if seed >= args.seed + n_seeds:
+            if seed >= args.seed + n_seeds or args.brain_age_only:
                 continue
             for transfer in TRANSFERS:
                 name = run_name(transfer, patients, seed)
@@ -146,7 +146,8 @@ def train(args: argparse.Namespace, settings: argparse.Namespace, sizes: list[tu
                     "--model.init_args.brain_age_checkpoint", str(ckpt),
                     "--model.init_args.channels_last", str(settings.channels_last).lower(),
                     "--trainer.run_name", name), logs / f"{name}.log")
-            (args.out / "timings.json").write_text(json.dumps(timings, indent=1))
+            timings_file = "timings_brain_age.json" if args.brain_age_only else "timings.json"
+            (args.out / timings_file).write_text(json.dumps(timings, indent=1))
 
 
 def run_args(settings: argparse.Namespace, seed: int) -> list[str]:
@@ -167,6 +168,15 @@ def git_commit() -> str:
         return git("rev-parse", "--short=10", "HEAD") + ("+changes" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def command_line() -> str:
+    """The command as typed, the script relative to the repository."""
+    import shlex
+
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return "python " + " ".join(shlex.quote(a) for a in [shown, *sys.argv[1:]])
 
 
 def finished(roots: list[str], name: str) -> bool:
@@ -294,20 +304,22 @@ def plot(summaries: dict[int, dict], path: Path) -> None:
 
     plt = _pyplot()
     patients = list(summaries)
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.4, COLUMN_WIDTH))
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 2, COLUMN_WIDTH))
     models = list(next(iter(summaries.values()))["models"])
     for i, model in enumerate(models):
         est = [summaries[p]["models"][model]["mae"] for p in patients]
-        x = np.asarray(patients, dtype=float) * (1 + 0.012 * (i - len(models) / 2))  # a nudge so bars don't hide
+        x = np.asarray(patients, dtype=float) * (1 + 0.015 * (i - (len(models) - 1) / 2))  # side by side
         style = "--" if model in (MEAN, "oracle", "perfect brain age") else "-"
         ax.errorbar(x, [e.estimate for e in est], yerr=[[e.estimate - e.low for e in est], [e.high - e.estimate
                     for e in est]], label=model, linestyle=style, marker="o", markersize=3, capsize=2, linewidth=1)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(patients, [str(p) for p in patients])
-    ax.set_xlabel("MS patients (all three sites)")
+    ax.set_xlim(min(patients) * 0.85, max(patients) * 1.15)
+    ax.set_xlabel("MS patients, three sites (log scale)")
     ax.set_ylabel("SDMT test MAE (points)")
-    ax.set_title("SDMT transfer vs patients; 95 % intervals over seeds and subjects")
-    ax.legend(ncol=2)
+    ax.set_title("SDMT, federated transfer vs references\n95 % intervals resample seeds and test subjects")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
 
 
@@ -322,9 +334,7 @@ def report(args: argparse.Namespace, settings: argparse.Namespace, sizes, timing
     if not summaries:
         sys.exit("no size has a finished seed yet")
     train_meta = args.out / "train_meta.json"
-    meta = {"command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).resolve()
-                                             .is_relative_to(REPO) else sys.argv[0], *sys.argv[1:]]),
-            "commit": git_commit(),
+    meta = {"command": command_line(), "commit": git_commit(),
             "train_commit": json.loads(train_meta.read_text())["commit"] if train_meta.is_file() else "unknown",
             "seeds": {p: s["seeds"] for p, s in summaries.items()}, "not_finished": missing,
             "sites": {p: site_counts_by_patients(args, p) for p in summaries},
@@ -361,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--brain-age-checkpoint", type=Path, default=None,
                         help="one BrainAgeModule checkpoint for every seed instead of training one per seed")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--brain-age-only", action="store_true",
+                        help="only train the brain-age backbone of every seed (e.g. beside a running curve)")
     parser.add_argument("--report-only", action="store_true", help="rebuild table and plot from finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the steps' commands, run nothing")
     args = parser.parse_args(argv)
@@ -391,17 +403,20 @@ def main(argv: list[str] | None = None) -> None:
         counts = site_counts(n)
         patients = sum(counts.values())
         target = args.out / "sites_ms" / f"n{patients}"
-        roots = ([str(target / s) for s in rep.MS] if args.dry_run or args.report_only
+        roots = ([str(target / s) for s in rep.MS] if args.dry_run or args.report_only or args.brain_age_only
                  else nested_cohort(full, target, counts))
         sizes.append((patients, roots, k))
     if not args.report_only:
-        (args.out / "train_meta.json").write_text(json.dumps({"commit": git_commit()}))
+        if not args.brain_age_only:  # a side process training backbones leaves the curve's records alone
+            (args.out / "train_meta.json").write_text(json.dumps({"commit": git_commit()}))
+        else:
+            timings = {}
         start = time.perf_counter()
         train(args, settings, sizes, timings)
         timings["total (this invocation)"] = time.perf_counter() - start
-        timings_path.write_text(json.dumps(timings, indent=1))
-        if args.dry_run:
+        if args.dry_run or args.brain_age_only:
             return
+        timings_path.write_text(json.dumps(timings, indent=1))
     report(args, settings, sizes, timings)
 
 

@@ -419,11 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.results / "floor.tsv").write_text("\n".join(floor_lines) + "\n")
         (args.results / "feature_correlations.tsv").write_text("\n".join(corr_lines) + "\n")
         (args.results / "floor.md").write_text("\n".join(md) + "\n")
-        from sdmt_learning_curve import git_commit
+        from sdmt_learning_curve import command_line, git_commit
 
         (args.results / "floor.json").write_text(json.dumps({
-            "commit": git_commit(), "command": "python " + " ".join(["benchmarks/sdmt_references.py", *(argv if argv is not None
-                                                                                else sys.argv[1:])]),
+            "commit": git_commit(), "command": command_line(),
             "split_seeds": split_seeds, "checkpoints": ckpts, "n_boot": args.n_boot}, indent=1) + "\n")
     return 0
 
