@@ -9,7 +9,9 @@ MS sites, the ceiling and the floor of the SDMT task, all held-out (k-fold by su
 standardised inputs):
   oracle      linear model on the true simulated variables (sourcedata/latents.tsv): age, sex, log lesion
               load, thalamic loss, atrophy gap, disease duration. Education and noise stay unexplained.
-  image       linear model on two image features: CSF-like and lesion-like voxel fractions.
+  image       linear model on three image features of the models' own 4 mm input (``image_features.py``:
+              ventricle darkening, thalamic darkening, lesion burden; the lesion reference from the training
+              folds only).
   mean        predict the training folds' mean SDMT.
 A last row gives the oracle on 20,000 drawn MS subjects (latents only, no images): the ceiling without
 small-sample noise.
@@ -23,13 +25,19 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage, stats
 
-from neurofed.data.synth import DEFAULT_SITES, generate_site, read_tsv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import image_features  # noqa: E402  (benchmarks/ is not a package)
+
+from neurofed.data.preprocessing import PreprocessConfig, output_affine, preprocess  # noqa: E402
+from neurofed.data.synth import DEFAULT_SITES, generate_site, read_tsv  # noqa: E402
 
 ORACLE_COLUMNS = ("age", "log_lesion", "thalamic_loss", "atrophy_gap", "disease_duration", "female")
 FOLDS = 5
@@ -51,14 +59,13 @@ def dark_fraction(path: Path) -> float:
     return float((img[mask] < 0.5 * wm).mean())
 
 
-def image_features(path: Path) -> tuple[float, float]:
-    """CSF-like fraction and lesion-like fraction (dark voxels surrounded mostly by WM-bright voxels)."""
-    img, mask, wm = _normalised(path)
-    csf_like = float((img[mask] < 0.5 * wm).mean())
-    bright = (img > 0.85 * wm).astype(np.float32)
-    wm_around = ndimage.uniform_filter(bright, size=3) >= 0.5
-    lesion_like = float((mask & wm_around & (img < 0.75 * wm)).sum() / max(int(mask.sum()), 1))
-    return csf_like, lesion_like
+#: The SDMT models' input (``benchmarks/replication.py``'s CPU size): the image features are read from it.
+MODEL_INPUT = PreprocessConfig(spacing=4.0, shape=(48, 56, 48))
+
+
+def template_image(path: Path) -> np.ndarray:
+    """The scan preprocessed as the models see it, then normalised and aligned onto the feature grid."""
+    return image_features.template_space(preprocess(path, MODEL_INPUT), output_affine(path, MODEL_INPUT))
 
 
 def _first_scan(site_dir: Path, pid: str) -> Path | None:
@@ -93,14 +100,21 @@ def site_signal(site_dir: Path) -> dict[str, float]:
     return out
 
 
-def heldout_predictions(x: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
-    """k-fold held-out predictions of a ridge fit on standardised columns (an empty x gives the mean)."""
+def heldout_predictions(x: np.ndarray | Callable[[np.ndarray], np.ndarray], y: np.ndarray, folds: int = FOLDS,
+                        seed: int = 0) -> np.ndarray:
+    """k-fold held-out predictions of a ridge fit on standardised columns (an empty x gives the mean).
+
+    ``x`` may be a function of the training rows' indices returning every row's predictors, for features
+    with a part fitted on the training folds.
+    """
     n = len(y)
     order = np.random.default_rng(seed).permutation(n)
     pred = np.empty(n)
+    features = x if callable(x) else (lambda train: x)
     for k in range(min(folds, n)):
         test = order[k::min(folds, n)]
         train = np.setdiff1d(order, test)
+        x = features(train)
         mu_y = y[train].mean()
         if x.shape[1] == 0:
             pred[test] = mu_y
@@ -141,15 +155,24 @@ def ms_ceiling(site_dir: Path) -> dict[str, float] | None:
         return None
     y = np.array([first[p]["sdmt"] for p in pids])
     oracle = heldout_predictions(_oracle_matrix([first[p] for p in pids]), y)
-    feats = np.array([image_features(_first_scan(site_dir, p)) for p in pids])
-    image = heldout_predictions(feats, y)
+    images = np.stack([template_image(_first_scan(site_dir, p)) for p in pids])
+
+    def features(train: np.ndarray) -> np.ndarray:  # the lesion reference from the training folds only
+        reference = image_features.NormativeReference.fit(images[train])
+        x = image_features.feature_matrix(images, reference)
+        x[train] = image_features.feature_matrix(images[train], reference, in_reference=True)
+        return x
+
+    image = heldout_predictions(features, y)
     mean = heldout_predictions(np.empty((len(y), 0)), y)
     out = {"n": len(y)}
     out["oracle_r2"], out["oracle_mae"] = _scores(y, oracle)
     out["image_r2"], out["image_mae"] = _scores(y, image)
     out["mean_r2"], out["mean_mae"] = _scores(y, mean)
-    out["r_csf_sdmt"], _ = _r(feats[:, 0], y)
-    out["r_lesionlike_lesion"], _ = _r(feats[:, 1], np.array([first[p]["log_lesion"] for p in pids]))
+    feats = image_features.feature_matrix(images, image_features.NormativeReference.fit(images), in_reference=True)
+    column = {name: feats[:, j] for j, name in enumerate(image_features.FEATURES)}
+    out["r_lesion_feature"], _ = _r(column["lesion_burden"], np.array([first[p]["log_lesion"] for p in pids]))
+    out["r_thalamic_feature"], _ = _r(column["thalamic_darkening"], np.array([first[p]["thalamic_loss"] for p in pids]))
     return out
 
 
@@ -184,12 +207,14 @@ def format_rows(results: dict[str, dict[str, float]]) -> str:
 
 def format_ceiling(results: dict[str, dict[str, float]]) -> str:
     header = (f"{'SDMT, held-out':<22}{'n':>6}  {'oracle R2':>9} {'MAE':>6}  {'image R2':>9} {'MAE':>6}  "
-              f"{'mean MAE':>8}")
+              f"{'mean MAE':>8}  {'r(lesion feat, lesion)':>22} {'r(thal feat, thal loss)':>23}")
     lines = [header, "-" * len(header)]
     for site, r in results.items():
         image = f"{r['image_r2']:>9.2f} {r['image_mae']:>6.2f}" if "image_mae" in r else f"{'':>9} {'':>6}"
+        feats = (f"{r['r_lesion_feature']:>22.2f} {r['r_thalamic_feature']:>23.2f}" if "r_lesion_feature" in r
+                 else f"{'':>22} {'':>23}")
         lines.append(f"{site:<22}{r['n']:>6}  {r['oracle_r2']:>9.2f} {r['oracle_mae']:>6.2f}  {image}  "
-                     f"{r['mean_mae']:>8.2f}")
+                     f"{r['mean_mae']:>8.2f}  {feats}")
     return "\n".join(lines)
 
 
