@@ -113,6 +113,8 @@ def run_name(transfer: str, patients: int, seed: int) -> str:
 def checkpoint_for(args: argparse.Namespace, seed: int) -> Path:
     if args.brain_age_checkpoint:
         return args.brain_age_checkpoint
+    if args.brain_age_runs:  # the replication's FedAvg backbones: the same command on the same healthy sites
+        return Path(args.brain_age_runs.format(seed=seed)) / "site-0" / "best.ckpt"
     return args.out / "runs" / f"brain_age_s{seed}" / "site-0" / "best.ckpt"
 
 
@@ -124,6 +126,8 @@ def train(args: argparse.Namespace, settings: argparse.Namespace, sizes: list[tu
     for seed in range(args.seed, args.seed + max(n for _, _, n in sizes)):
         ckpt = checkpoint_for(args, seed)
         if not ckpt.is_file():
+            if args.brain_age_runs:
+                sys.exit(f"{ckpt}: no brain-age backbone for seed {seed}; run the replication first")
             if not args.brain_age_checkpoint and not (args.out / "sites").is_dir():
                 timings["synth healthy"] = rep.synth(settings, "sites", rep.HEALTHY,
                                                      round(settings.scale * rep.HEALTHY_STUDY / 3), args.seed,
@@ -340,7 +344,8 @@ def report(args: argparse.Namespace, settings: argparse.Namespace, sizes, timing
             "sites": {p: site_counts_by_patients(args, p) for p in summaries},
             "settings": {k: getattr(settings, k) for k in ("split", "spacing", "shape", "channels", "resolution")},
             "site_effect": args.site_effect, "n_boot": args.n_boot,
-            "brain_age_checkpoint": str(args.brain_age_checkpoint or "trained per seed (federated FedAvg)"),
+            "brain_age_checkpoint": str(args.brain_age_checkpoint or args.brain_age_runs
+                                         or "trained per seed (federated FedAvg)"),
             "minutes": {k: round(v / 60, 1) for k, v in timings.items()}}
     write_results(args.results, summaries, meta)
     print("\n".join(markdown(summaries, meta)))
@@ -370,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--site-effect", type=float, default=1.0)
     parser.add_argument("--brain-age-checkpoint", type=Path, default=None,
                         help="one BrainAgeModule checkpoint for every seed instead of training one per seed")
+    parser.add_argument("--brain-age-runs", default=None,
+                        help="run folder of each seed's brain-age backbone, with {seed}; e.g. "
+                             "results/replication/runs/federated_fedavg_s{seed} (trained by the replication with the "
+                             "same command on the same healthy sites, so it is not trained twice)")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--brain-age-only", action="store_true",
                         help="only train the brain-age backbone of every seed (e.g. beside a running curve)")
