@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-effect", type=float, default=1.0, help="scanner difference scale for --generate")
     parser.add_argument("--population", type=int, default=20_000,
                         help="drawn MS subjects for the latent-only oracle row (0: skip)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="also write the tables to RESULTS/signal.txt with RESULTS/signal_meta.json (command, "
+                             "commit, machine), from which the documentation is rendered")
     args = parser.parse_args(argv)
     if args.root is None and args.generate is None:
         parser.error("give --root DIR or --generate N")
@@ -243,12 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results = {d.name: site_signal(d) for d in site_dirs}
         ceilings = {d.name: c for d in site_dirs if (c := ms_ceiling(d)) is not None}
-    print(format_rows(results))
+    text = format_rows(results)
     if ceilings:
         if args.population:
             ceilings["all MS (latents only)"] = population_ceiling(args.population)
-        print()
-        print(format_ceiling(ceilings))
+        text += "\n\n" + format_ceiling(ceilings)
+    print(text)
+    if args.results:
+        from provenance import write_meta
+
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "signal.txt").write_text(text + "\n")
+        write_meta(args.results, [args.seed], root=str(args.root or f"--generate {args.generate}"),
+                   population=args.population).rename(args.results / "signal_meta.json")
     return 0
 
 
