@@ -63,9 +63,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def provenance(folder: Path) -> str:
+def provenance(folder: Path, meta_file: str = "meta.json") -> str:
     """One line: the command that wrote the results, at which commit, on which machine, with which seeds."""
-    meta = read_json(folder / "meta.json")
+    meta = read_json(folder / meta_file)
     m = meta.get("machine", {})
     where = f"{m.get('cpus', '?')}-core CPU" + (f", {m['gpu']}" if m.get("gpu") else "")
     seeds = meta.get("seeds") or []
@@ -243,6 +243,41 @@ def render_sweep() -> str:
     header = ["setting", "model", "pooled test MAE [95 % CI]", "per seed, mean ± SD", "Δ vs centralized [95 % CI]",
               "ratio to centralized [95 % CI]"]
     return "\n".join([table(header, body), "", "Bold: the interval excludes zero.", "", provenance(folder)]) + "\n"
+
+
+@renderer("sdmt-signal")
+def render_sdmt_signal() -> str:
+    """What the SDMT floor's image features detect: their r with the generator's true lesion load and thalamic
+    loss, beside the oracle (true drivers) and predicting the mean, held out by subject."""
+    folder = RESULTS / "sdmt"
+    text = (folder / "signal.txt").read_text().rstrip("\n")
+    return "\n".join(["```text", text, "```", "", provenance(folder, "signal_meta.json")]) + "\n"
+
+
+@renderer("sdmt-curve")
+def render_sdmt_curve() -> str:
+    """Deep vs shallow SDMT transfer and the references, per cohort size, with seed-and-subject intervals."""
+    folder = RESULTS / "sdmt"
+    rows = read_tsv(folder / "learning_curve.tsv")
+    meta = read_json(folder / "learning_curve.json")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    body = []
+    for patients in dict.fromkeys(r["patients"] for r in rows):
+        sel = {r["model"]: r for r in rows if r["patients"] == patients}
+        first = next(iter(sel.values()))
+        body.append([patients, first["seeds"], first["test_scans"],
+                     *(interval(sel[m]["mae"], sel[m]["low"], sel[m]["high"]) if m in sel else "" for m in models)])
+    diffs = []
+    for r in read_tsv(folder / "learning_curve_comparisons.tsv"):
+        d = interval(r["delta_mae"], r["low"], r["high"])
+        diffs.append([r["patients"], f"{r['model_a']} − {r['model_b']}",
+                      f"**{d}**" if r["excludes_zero"] == "True" else d])
+    note = ("SDMT test MAE (points), pooled over seeds [95 % interval resampling seeds, then test subjects within "
+            "seed and site]. Bold: the interval excludes zero.")
+    source = (f"Source: `{meta['command']}`; commit {meta['commit']} (runs trained at {meta['train_commit']}); "
+              f"seeds per size {meta['seeds']} (`{folder.relative_to(REPO)}/`).")
+    return "\n".join([table(["patients", "seeds", "test scans", *models], body), "", note, "",
+                      table(["patients", "comparison", "ΔMAE [95 % CI]"], diffs), "", source]) + "\n"
 
 
 @renderer("recipe-summary")
