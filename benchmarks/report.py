@@ -134,11 +134,12 @@ def render_recipe_ablation() -> str:
             last = [float(r["last"]) for r in sel]
             rise = max(float(r["max_rise"]) for r in sel)
             rounds = ", ".join(f"{r['rounds']}/{r['best_round']}" for r in sel)
-            out.append([variant, method, _mean_sd(best), _mean_sd(last), f"{rise * 100:.0f} %", rounds])
-    header = ["variant", "method", "best val loss, mean ± SD over seeds", "last round's", "largest rise over the best so far",
-              "rounds run / best round, per seed"]
-    note = (f"{len(meta['seeds'])} seeds; pooled validation L1 (years) on the demo's data; the rise is counted after "
-            f"the warm-up ({meta['warmup_rounds']} round(s)) for the variants that have one.")
+            out.append([variant, method, ", ".join(r["seed"] for r in sel), _mean_sd(best), _mean_sd(last),
+                        f"{rise * 100:.0f} %", rounds])
+    header = ["variant", "method", "seeds", "best val loss (mean ± SD over seeds)", "last round's",
+              "largest rise over the best so far", "rounds run / best round, per seed"]
+    note = (f"Pooled validation L1 (years) on the demo's data; the rise is counted after the warm-up "
+            f"({meta['warmup_rounds']} round(s)) for the variants that have one.")
     return "\n".join([table(header, out), "", note, "", provenance(folder)]) + "\n"
 
 
