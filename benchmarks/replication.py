@@ -433,7 +433,8 @@ def main() -> None:
     timings_path = args.out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     start = time.perf_counter()
-    if not (args.skip_synth or args.report_only or args.resume):
+    have_sites = all(Path(r, "participants.tsv").is_file() for r in healthy_roots + ([] if args.no_sdmt else ms_roots))
+    if not (args.skip_synth or args.report_only or (args.resume and have_sites)):
         timings = {}
         if not args.dry_run:
             for folder in ("sites", "sites_ms", "runs", "cache"):
