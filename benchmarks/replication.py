@@ -242,7 +242,9 @@ def site_bn_predictions(checkpoint: Path, roots: list[str], args: argparse.Names
                 pred = model(model._image(batch)).float()
                 for i, target in enumerate(batch["target"].tolist()):
                     rows.append({"site": Path(root).name, "subject": batch["participant_id"][i],
-                                 "session": batch["session"][i] or "n/a", "target": float(target),
+                                 # as the prediction tables name it (BIDS session_id)
+                                 "session": f"ses-{batch['session'][i]}" if batch["session"][i] else "n/a",
+                                 "target": float(target),
                                  "prediction": float(pred[i])})
     return rows
 
