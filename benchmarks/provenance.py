@@ -45,8 +45,12 @@ def machine() -> dict[str, Any]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed, relative to the repository: ``python benchmarks/x.py --opt value``."""
-    argv = list(sys.argv if argv is None else argv)
+    """The command that reproduces the results, relative to the repository: ``python benchmarks/x.py --opt value``.
+
+    ``--resume`` and ``--report-only`` are left out: they choose which runs are redone, not what the results are
+    (runs are deterministic), and on a fresh clone the command without them redoes everything.
+    """
+    argv = [a for a in (sys.argv if argv is None else argv) if a not in ("--resume", "--report-only")]
     script = Path(argv[0]).resolve()
     shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else argv[0]
     return "python " + " ".join(shlex.quote(a) for a in [shown, *argv[1:]])
