@@ -166,7 +166,12 @@ class FederationGroup:
             return  # the store is gone: the federation is ending
 
     def _who_left(self) -> str:
-        """Which sites stopped sending heartbeats (no new one for ``_GONE_AFTER`` periods), as a phrase."""
+        """Which sites stopped sending heartbeats (no new one for ``_GONE_AFTER`` periods), as a phrase.
+
+        A site that notices a failure says so in the store first, so that a site which stops *because* another
+        left is not named as the one that left: survivors stop one after another, and by the time a slower one
+        looks, the faster ones are gone too.
+        """
         if self.site_rank != 0:
             try:
                 probe = dist.TCPStore(self.address, self.port, None, False, timedelta(seconds=3), False)
@@ -174,6 +179,10 @@ class FederationGroup:
                 return "site 0 (the rendezvous host) is unreachable: it left the federation"
         else:
             probe = self._store
+        try:
+            probe.set(f"{_PRE}/noticed/{self.site_rank}", repr(time.time()))
+        except RuntimeError:
+            return "site 0 (the rendezvous host) is unreachable: it left the federation"
         others = [k for k in range(self.num_sites) if k != self.site_rank]
 
         def beats() -> dict[int, str | None]:
@@ -189,12 +198,17 @@ class FederationGroup:
             before = beats()
             time.sleep(_GONE_AFTER * _HEARTBEAT_S * 0.75)
             after = beats()
+            gone = [k for k in others if after[k] is None or after[k] == before[k]]
+            followed = [k for k in gone if probe.check([f"{_PRE}/noticed/{k}"])]
         except RuntimeError:
             return "site 0 (the rendezvous host) is unreachable: it left the federation"
-        gone = [k for k in others if after[k] is None or after[k] == before[k]]
-        if not gone:
-            return "every other site is still alive (a network problem between sites?)"
-        return f"site {', '.join(map(str, gone))} left the federation"
+        left = [k for k in gone if k not in followed]
+        then = f" (then site {', '.join(map(str, followed))} stopped too)" if followed else ""
+        if not left:
+            return (f"no site left first: site {', '.join(map(str, followed))} stopped after noticing a failure, "
+                    "as this one (a network problem between sites?)") if followed else \
+                "every other site is still alive (a network problem between sites?)"
+        return f"site {', '.join(map(str, left))} left the federation{then}"
 
     def _timeout_error(self, what: str, cause: BaseException) -> FederationTimeoutError:
         hint = (
