@@ -11,7 +11,7 @@ import pytest
 import torch
 from federated_toys import ToyRegressor, assert_identical, site_data, state_of
 
-from neurofed.federated import FedAdam, FederatedTrainer, FedProx
+from neurofed.federated import FedAdam, FederatedTrainer, FedMedian, FedProx
 from neurofed.federated.checkpoint_io import CheckpointError, load
 from neurofed.federated.commit import committed_rounds, round_dir
 from neurofed.federated.errors import FederationStorageError
@@ -147,3 +147,17 @@ def test_resume_refuses_mismatched_records_and_a_run_without_rounds(tmp_path):
         _fit(tmp_path, "run", 3, ckpt_path="last")
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _fit(tmp_path, "empty", 3, ckpt_path="last")
+
+
+@pytest.mark.parametrize(("strategy_cls", "field", "old", "new"), [
+    (FedMedian, "strategy", "FedAdam(", "FedMedian()"),
+    (lambda: FedAdam(eta=0.5), "strategy", "eta=0.01", "eta=0.5"),
+])
+def test_a_resume_that_changes_the_strategy_or_its_settings_is_refused(tmp_path, strategy_cls, field, old, new):
+    _fit(tmp_path, "run", 2)  # FedAdam with its defaults
+    with pytest.raises(CheckpointError, match=f"was trained with {field} ") as error:
+        _fit(tmp_path, "run", 4, strategy_cls, ckpt_path="last")
+    assert old in str(error.value) and new in str(error.value) and "--trainer.run_name" in str(error.value)
+    assert committed_rounds(tmp_path / "run", 0) == (2, 1)  # nothing of the refused resume was written
+    _, trainer, _ = _fit(tmp_path, "run", 3, ckpt_path="last")  # more rounds, same settings: a resume
+    assert [h["round"] for h in trainer.history] == [3.0]

@@ -11,7 +11,8 @@
    differ, the field's values are exchanged, so every site fails naming the field and each site's value —
    before any collective whose size depends on them could abort gloo.
 3. **Resume.** Each site sends the newest round it has committed and the one before it that it still
-   holds; the federation resumes from the newest round every site has committed.
+   holds; the federation resumes from the newest round every site has committed. When some sites committed
+   round 1 and others nothing (a stop between the sites' first commits), every site starts round 1 again.
 
 Without a secret (a simulation on loopback, or ``insecure``) the same exchange runs with an empty key: it
 still catches sites that disagree, but proves nothing about who they are.
@@ -142,12 +143,27 @@ def handshake(group: Any, secret: bytes | None, fingerprint: dict[str, str], com
     declared = [float(t[2]) for t in held]
     if committed is None:
         return HandshakeResult(session, None, declared)
-    agreed = min(int(t[0]) for t in held)
+    newest = [int(t[0]) for t in held]
+    if max(newest) < 0:
+        raise FederationMismatchError(
+            f"site {me}: nothing to resume: no site has committed a round of this run; start it without --ckpt_path"
+        )
+    agreed = min(newest)
+    if agreed < 0 and max(newest) <= 1:
+        # Killed between the sites' commits of round 1: some sites hold it, others nothing. Round 1 is cheap to
+        # repeat, so every site starts it again (resume round 0: the fresh start, same seed, same weights).
+        return HandshakeResult(session, 0, declared)
     lacking = [k for k, t in enumerate(held) if agreed not in (int(t[0]), int(t[1]))]
     if lacking or agreed < 0:
-        detail = ", ".join(f"site {k} holds rounds {int(t[1])} and {int(t[0])}" for k, t in enumerate(held))
+        detail = ", ".join(f"site {k} holds {_rounds_held(int(t[0]), int(t[1]))}" for k, t in enumerate(held))
         raise FederationMismatchError(
-            f"site {me}: no round is committed at every site ({detail}); resume only runs whose sites all "
-            "committed the same round, or start over without --ckpt_path"
+            f"site {me}: no round is committed at every site ({detail}), so the run cannot be resumed; start it "
+            "over at every site with --trainer.overwrite true"
         )
     return HandshakeResult(session, agreed, declared)
+
+
+def _rounds_held(newest: int, previous: int) -> str:
+    if newest < 0:
+        return "no committed round"
+    return f"rounds {previous} and {newest}" if previous >= 0 else f"round {newest}"

@@ -31,7 +31,7 @@ from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
 from neurofed.federated.params import flatten, load_vector
 from neurofed.federated.results import HISTORY_FILE, write_json
-from neurofed.federated.resume import committed_for, resume
+from neurofed.federated.resume import committed_for, refuse_changed_settings, resume
 from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.screening import screen_update
 from neurofed.federated.site import Site, build_loggers
@@ -188,7 +188,8 @@ class FederatedTrainer:
             val_dataloaders: DataLoader | None = None, ckpt_path: str | None = None) -> None:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
         site = self.site
-        committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
+        committed = (committed_for(self.run_dir, self.federation.site_rank, ckpt_path, self.federation.num_sites)
+                     if ckpt_path is not None else None)
         loaders = setup_fit(self, model, datamodule, train_dataloaders, val_dataloaders)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         if not keys:
@@ -199,6 +200,8 @@ class FederatedTrainer:
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
+        refuse_changed_settings(self.run_dir, self.federation.site_rank, committed, opened_fingerprint)
+        self._settings = opened_fingerprint
         opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(loaders.n_train))
         self._declared = opened.declared
         several = self.federation.num_sites > 1
@@ -212,10 +215,13 @@ class FederatedTrainer:
         self.plateau = None if self.lr_plateau_patience is None else PlateauLR(
             site.optimizer, self.lr_plateau_patience, self.lr_plateau_factor, self.min_lr)
         self.history_before_resume = []
-        if committed is not None:
+        if committed is not None and opened.resume_round:
             resume(self, opened.resume_round)
             account_resumed_privacy(self, loaders)
         else:
+            if committed is not None and site.is_leader:  # resume round 0: every site starts round 1 again
+                log.info("%s: round 1 is not committed at every site; every site starts it again", site.name)
+                forget_rounds(self.run_dir, self.federation.site_rank)
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
         site.call("on_fit_start", trainer=self)
@@ -345,7 +351,7 @@ class FederatedTrainer:
                     self.state, {k: v for k, v in model.state_dict().items() if k in set(keys)},
                     strategy.state_dict(), self.sampling().as_dict(), learning_rates(site.optimizer),
                     self.plateau.state_dict() if self.plateau is not None else None,
-                    self.history_before_resume + self.history + [metrics]),
+                    self.history_before_resume + self.history + [metrics], self._settings),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
                                         self.global_step),
                 best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
