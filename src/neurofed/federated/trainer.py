@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from neurofed.federated import evaluation
 from neurofed.federated import state as ckpt
+from neurofed.federated.aggregate_checks import AggregateChecks
 from neurofed.federated.agreement import evaluation_fingerprint, training_fingerprint
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
@@ -33,7 +33,7 @@ from neurofed.federated.params import flatten, load_vector
 from neurofed.federated.results import HISTORY_FILE, write_json
 from neurofed.federated.resume import committed_for, refuse_changed_settings, resume
 from neurofed.federated.sampling import SiteSampling
-from neurofed.federated.screening import screen_update
+from neurofed.federated.screening import Screened, individual_updates_hidden, screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
 from neurofed.federated.target_stats import share_target_stats
@@ -154,6 +154,7 @@ class FederatedTrainer:
         self.best_model_path: str | None = None
         self.predictions: list[Any] | None = None
         self.plateau: PlateauLR | None = None
+        self.screening: Screened | None = None  # the last round's update screening (every site's statistics)
 
     @property
     def run_dir(self) -> Path:
@@ -206,6 +207,8 @@ class FederatedTrainer:
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
+        self._checks = AggregateChecks(model, keys, self.strategy, self.federation.max_failed_rounds,
+                                       self._site_names)
         for lg in site.loggers:  # what the sites agreed on, and where this site sits
             lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
                                 "devices": str(self.devices), "num_nodes": site.num_nodes, "privacy": repr(self.privacy)})
@@ -293,16 +296,14 @@ class FederatedTrainer:
         context = RoundContext(round=r, seed=self.seed, site_rank=self.federation.site_rank,
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
-        weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
-        if self.federation.num_sites > 1:  # screening: non-finite, over-claimed or outsized updates get weight 0
-            fed = self.federation
-            screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
-                                     fed.update_norm_factor, r, self._site_names)
-            sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
-        new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
-        if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
-            log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
-            new_global = global_vec
+        weight, self.screening = strategy.site_weight(n_train) if sampled else 0.0, None
+        if self.federation.num_sites > 1:  # screening: non-finite, extrapolated, outsized or flipped updates: weight 0
+            self.screening = screen_update(link, sent, global_vec, weight, self._declared, r, self._site_names,
+                                           self._checks.layout, directions=not individual_updates_hidden(strategy))
+            sent, weight = self.screening.params, self.screening.weight
+        offer = Contribution(sent, global_vec, weight)
+        self._checks.before_aggregate()
+        new_global = strategy.aggregate(offer, Collectives(link, r), context)
         load_vector(model, new_global, keys)
         site.call("on_aggregate_end", trainer=self, round=r, global_params=new_global)
         t_agg = time.perf_counter() - t0
@@ -322,11 +323,14 @@ class FederatedTrainer:
 
         # (5) The round check: every site holds the same result, made by holders of the secret (integrity.py).
         link.check_round(r, round_digest(r, new_global, pooled.loss, pooled.model))
+        # Never commit a model that cannot be evaluated (aggregate_checks.py): if the new global model fails a
+        # check, every site puts the round's starting model back and the round is not committed.
+        rejected = self._checks.verify(self, offer, context, new_global, pooled, self.screening, loaders, datamodule)
 
         # (6) Identical decisions everywhere: best model (finite losses only), early stopping, LR on plateau.
-        has_val = pooled.count > 0
-        improved = self.state.record(r, val_loss, has_val, self.patience)
-        if self.plateau is not None and has_val and self.plateau.step(val_loss):
+        has_val = pooled.count > 0 or rejected is not None  # a rejected round is a round without improvement
+        improved = self.state.record(r, math.nan if rejected else val_loss, has_val, self.patience)
+        if self.plateau is not None and has_val and not rejected and self.plateau.step(val_loss):
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
@@ -335,7 +339,8 @@ class FederatedTrainer:
             self.state.stopped |= self._private.federation_budget_spent(link, next_round)
         metrics |= {
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
-            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "screened_out": float(screened_out),
+            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "rejected": float(bool(rejected)),
+            "screened_out": float(len(self.screening.excluded) if self.screening else 0),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "bytes_sent": float(link.bytes_sent),
         }
@@ -344,7 +349,7 @@ class FederatedTrainer:
             metrics |= self._private.metrics()  # sample-level ε of DP-SGD at this site
 
         # (7) The round is one commit: its files, then the pointer (commit.py); a Lightning best.ckpt if improved.
-        if site.is_leader:
+        if site.is_leader and not rejected:
             commit_round(
                 self.run_dir, self.federation.site_rank, self.state.round,
                 shared=ckpt.shared_record(
