@@ -114,6 +114,15 @@ def test_a_variance_at_or_below_zero_is_left_out_even_between_two_sites():
     assert kinds[0] == ["update_norm"]  # two sites: no direction to compare with
 
 
+@pytest.mark.parametrize(("variance", "left_out"), [(2.8, False), (3.0, True), (0.36, False), (0.33, True)])
+def test_a_variance_far_from_the_global_one_is_left_out(variance, left_out):
+    start = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    out, _ = _screen([start + 0.1, torch.tensor([0.6, 0.4, variance, 1.1])], start, _layout(2, 2))
+    assert bool(out[0].excluded) == left_out, out[0].excluded
+    if left_out:
+        assert "times the global ones, outside 1/2.9 to 2.9" in out[0].excluded[1]  # the default max_variance_ratio
+
+
 def test_without_directions_no_single_sites_direction_is_sent():
     start = torch.zeros(6)
     out, kinds = _screen([start + k + 1 for k in range(3)], start, _layout(6, 0), directions=False,

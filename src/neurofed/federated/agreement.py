@@ -49,7 +49,8 @@ def training_fingerprint(trainer: Any, model: Any, keys: list[str], resuming: bo
         "precision": str(trainer.precision),
         "stopping": f"patience={trainer.patience}, lr_plateau={trainer.lr_plateau_patience}x{trainer.lr_plateau_factor}",
         "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}, "
-                     f"min_update_cosine={fed.min_update_cosine}, max_failed_rounds={fed.max_failed_rounds}",
+                     f"min_update_cosine={fed.min_update_cosine}, max_variance_ratio={fed.max_variance_ratio}, "
+                     f"max_failed_rounds={fed.max_failed_rounds}",
         "resuming": str(bool(resuming)),
         "sample-level privacy": repr(getattr(trainer, "privacy", None)),
     }

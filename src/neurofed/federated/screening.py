@@ -14,6 +14,8 @@ site then applies the same rules to the same numbers and leaves out, with weight
 * an update norm above ``max_update_norm``, when set;
 * a BatchNorm running variance at or below zero: an honest site's running variance is an average of batch
   variances, so only an update that extrapolates (``global + factor × (local − global)``) produces one;
+* a BatchNorm running variance more than ``max_variance_ratio`` times the global one, or less than its
+  inverse: local training moves the running statistics only part of the way from the global ones;
 * with at least three contributing sites, an update norm above ``update_norm_factor`` times their median, for
   the whole update or for its weights alone (BatchNorm statistics can dominate the whole norm, so that a
   change of the weights alone hides in it);
@@ -161,6 +163,10 @@ def _exclusions(stats: list[UpdateStats], declared: list[float], fed: Any) -> di
             excluded[k] = f"its update norm {s.norm:.4g} exceeds max_update_norm {fed.max_update_norm:g}"
         elif s.variance_ratio_min <= 0:
             excluded[k] = "it sends a BatchNorm running variance at or below zero (an extrapolated update)"
+        elif fed.max_variance_ratio is not None and math.isfinite(s.variance_ratio_min) and not (
+                1 / fed.max_variance_ratio <= s.variance_ratio_min and s.variance_ratio_max <= fed.max_variance_ratio):
+            excluded[k] = (f"its BatchNorm running variances are {s.variance_ratio_min:.3g} to {s.variance_ratio_max:.3g}"
+                           f" times the global ones, outside 1/{fed.max_variance_ratio:g} to {fed.max_variance_ratio:g}")
     contributing = [k for k, s in enumerate(stats) if s.weight > 0 and k not in excluded]
     if len(contributing) < MIN_SITES_FOR_MEDIAN:
         return excluded
