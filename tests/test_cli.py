@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurofed.cli import main
 from neurofed.models import BrainAgeModule
@@ -45,6 +46,20 @@ def test_fit_tests_best_model_and_writes_predictions(tmp_path, tiny_sites, capsy
     assert {r["split"] for r in rows} >= {"train", "test"}
     assert (run / "figures" / "desc-age_scatter.png").is_file()
     assert (tmp_path / "runs" / "brain_age_cpu" / "config-fit.yaml").is_file()
+    # A centralized run over three roots: each root has its own figure, and nothing says "FedAvg".
+    for root in tiny_sites:
+        folder = root / "derivatives" / "neurofed" / "runs" / "brain_age_cpu"
+        sidecar = json.loads((folder / "desc-age_predictions.json").read_text())
+        assert sidecar["GeneratedBy"]["Strategy"] == "centralized"
+        assert sidecar["TrainingRun"]["ThisDataset"].startswith("one of the datasets the run trained on")
+        assert (folder / "figures" / "desc-age_scatter.png").is_file()
+        own = {r["participant_id"] for r in csv.DictReader(open(folder / "desc-age_predictions.tsv"), delimiter="\t")
+               if r["split"] == "test"}
+        assert own and all((root / pid).is_dir() for pid in own)  # its own subjects only
+    # The model carries its run's record: the datasets, their split sizes, each one's bias correction.
+    record = torch.load(best, weights_only=False)["neurofed_training"]
+    assert record["run"] == "brain_age_cpu" and set(record["datasets"]) == {"ixi", "sald", "camcan"}
+    assert all(entry["splits"]["train"]["subjects"] > 0 for entry in record["datasets"].values())
 
 
 @pytest.mark.parametrize("resident", ["false", "true"])
@@ -58,6 +73,43 @@ def test_predict_subcommand_writes_bids_derivatives(tmp_path, tiny_bids, capsys,
     rows = list(csv.DictReader(open(table), delimiter="\t"))
     assert len(rows) == sum(1 for _ in tiny_bids.glob("sub-*/**/*_T1w.nii.gz"))
     assert all(float(r["prediction"]) == float(r["prediction"]) for r in rows)
+
+
+def test_a_model_applied_to_a_new_dataset_keeps_its_runs_split_and_correction(tmp_path, tiny_bids, make_bids,
+                                                                              capsys):
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]"]
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 0
+    ckpt = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "best.ckpt"
+    record = torch.load(ckpt, weights_only=False)["neurofed_training"]
+    stored = record["datasets"]["tiny"]["bias_correction"]
+    trained = tiny_bids / "derivatives" / "neurofed" / "runs" / "brain_age_cpu" / "desc-age_predictions.tsv"
+    splits_at_fit = {(r["participant_id"], r["session_id"]): r["split"]
+                     for r in csv.DictReader(open(trained), delimiter="\t")}
+
+    new = make_bids(tmp_path / "new", n_subjects=8, seed=9, name="newsite")
+    predict = ["predict", "--config", "configs/brain_age_cpu.yaml", *args, "--data.root", str(new),
+               "--ckpt_path", str(ckpt), "--trainer.run_name", "applied"]
+    assert main(predict) == 0
+    folder = new / "derivatives" / "neurofed" / "runs" / "applied"
+    rows = list(csv.DictReader(open(folder / "desc-age_predictions.tsv"), delimiter="\t"))
+    assert len(rows) == sum(1 for _ in new.glob("sub-*/**/*_T1w.nii.gz")) and {r["split"] for r in rows} == {"unseen"}
+    for r in rows:  # the run's correction, not one refitted on the new dataset
+        age, gap = float(r["age"]), float(r["gap"])
+        expected = gap - (stored["slope"] * age + stored["intercept"])
+        assert float(r["gap_corrected"]) == pytest.approx(expected, abs=2e-3)
+    sidecar = json.loads((folder / "desc-age_predictions.json").read_text())
+    assert sidecar["split"]["Levels"] == {"unseen": sidecar["split"]["Levels"]["unseen"]}
+    assert "brain_age_cpu" in sidecar["BiasCorrection"]["FittedOn"] and "tiny" in sidecar["BiasCorrection"]["FittedOn"]
+    assert sidecar["BiasCorrection"]["Slope"] == pytest.approx(stored["slope"])
+    assert sidecar["TrainingRun"]["Run"] == "brain_age_cpu" and "never saw" in sidecar["TrainingRun"]["ThisDataset"]
+    assert (folder / "figures" / "desc-age_scatter.png").is_file()
+
+    # Back on the dataset it trained on, the same checkpoint restores the run's split, row for row.
+    assert main(["predict", "--config", "configs/brain_age_cpu.yaml", *args, "--ckpt_path", str(ckpt),
+                 "--trainer.run_name", "again"]) == 0
+    again = tiny_bids / "derivatives" / "neurofed" / "runs" / "again" / "desc-age_predictions.tsv"
+    assert {(r["participant_id"], r["session_id"]): r["split"]
+            for r in csv.DictReader(open(again), delimiter="\t")} == splits_at_fit
 
 
 def test_unknown_key_fails_with_a_message(tmp_path, tiny_bids, capsys):
@@ -98,15 +150,22 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "neurofed synth", "neurofed simulate"):
-        assert command in out.replace("\n", " ")
+    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status", "federation"):
+        assert f"\n    {command} " in out or f"\n    {command}\n" in out, command
 
 
-def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys):
+def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, capsys, monkeypatch):
+    import neurofed.plots as plots
     from neurofed.status import read_status
 
+    drawn, draw = {}, plots.loss_per_round
+    monkeypatch.setattr(plots, "loss_per_round", lambda curves, path, **kw: drawn.update(
+        {path.name: (sorted(curves), kw["ylabel"])}) or draw(curves, path, **kw))
     args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]"]
     assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args]) == 0
+    # L1 is in years; one site has no separate pooled curve to hide its own
+    assert drawn == {"val_loss.png": (["pooled validation loss"], "validation loss (L1, years)"),
+                     "loss.png": (["training", "validation"], "loss (L1, years)")}
     site = tmp_path / "runs" / "brain_age_cpu" / "site-0"
     for name in ("config-fit.yaml", "history.json", "test_metrics.json", "loss.png", "best.ckpt"):
         assert (site / name).is_file(), name
@@ -172,13 +231,26 @@ def _help(capsys, *argv: str) -> str:
 
 def test_usage_names_every_command(capsys):
     usage = _help(capsys).splitlines()[0]
-    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status"):
+    for command in ("fit", "validate", "test", "predict", "synth", "simulate", "status", "federation"):
         assert command in usage
     assert usage.startswith("usage: neurofed ")
 
 
+def test_help_imports_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom neurofed.cli import main\n"
+            "for argv in (['--help'], ['synth', '--help'], ['status', '--help'], ['simulate', '--help'],\n"
+            "             ['federation', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
+
+
 def test_every_option_has_a_description_and_a_default(capsys):
-    import neurofed.cli as cli
+    import neurofed.training_cli as cli
 
     class Parsed(Exception):
         pass
@@ -215,3 +287,62 @@ def test_every_option_has_a_description_and_a_default(capsys):
 def test_synth_help_shows_defaults(capsys):
     text = _help(capsys, "synth")
     assert "(default: 20)" in text and "(default: 2.0)" in text
+
+
+def test_model_help_describes_every_option_without_listing_torch():
+    import subprocess
+    import sys
+
+    from timeouts import STARTUP_S, scaled
+
+    # a fresh process, as a user's: the help of one model class, with its options described
+    full = subprocess.run([sys.executable, "-m", "neurofed", "fit", "--model.help", "neurofed.BrainAgeModule"],
+                          capture_output=True, text=True, timeout=scaled(STARTUP_S)).stdout
+    text = full.replace("\n", " ").split("Help for", 1)[1]
+    for option, words in (("lr", "learning rate"), ("channels", "Output channels"), ("loss", "soft-label"),
+                          ("sigma", "Gaussian soft label"), ("norm", "GroupNorm")):
+        assert words in text.split(f"--model.{option} ", 1)[1][:400], option
+    assert "torch.nn.Linear" not in text and "other classes, by class_path" in text
+    assert len(full.splitlines()) < 120
+
+
+def test_synth_flags_read_the_right_way_round(capsys):
+    text = _help(capsys, "synth")
+    assert "hide the progress bars (shown by default)" in text and "(default: True)" not in text
+    assert "the same seed writes the same sites" in text.replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fit_is_one_line_naming_the_committed_round_and_the_resume(tmp_path, tiny_bids):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from timeouts import STARTUP_S, scaled
+
+    args = [*_tiny_args(tmp_path, [tiny_bids]), "--model.init_args.channels", "[2,2,2,2,2,2]",
+            "--trainer.rounds", "500"]
+    # as from a terminal: a test runner started in the background has SIGINT ignored, and children inherit that
+    proc = subprocess.Popen([sys.executable, "-m", "neurofed", "fit", "--config", "configs/brain_age_cpu.yaml", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    committed = tmp_path / "runs" / "brain_age_cpu" / "site-0" / "committed"
+    deadline = time.monotonic() + scaled(STARTUP_S + 120)
+    while not committed.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed.is_file(), proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=scaled(60))
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("neurofed: interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    round_done = int(committed.read_text())
+    assert f"round {round_done} is committed in {committed.parent}" in lines[0]
+    assert lines[0].endswith("--trainer.rounds 500 --ckpt_path last")
+    # status says the same, and gives the command that resumes from the saved configuration
+    status = subprocess.run([sys.executable, "-m", "neurofed", "status", str(committed.parent.parent)],
+                            capture_output=True, text=True, timeout=scaled(STARTUP_S))
+    config = committed.parent.parent / "config-fit.yaml"
+    assert f"resume: neurofed fit --config {config} --ckpt_path last" in status.stdout, status.stdout

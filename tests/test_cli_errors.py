@@ -24,7 +24,11 @@ def _messages(stderr: str) -> list[str]:
     (["--trainer.federation.port", "70000"], "port must be in 1..65535"),
     (["--trainer.sites_per_round", "3", "--trainer.federation.num_sites", "2"], "sites_per_round must be in 1..num_sites=2"),
     (["--ckpt_path", "last"], "nothing to resume"),
-    (["--trainer.federation.address", "10.1.2.3", "--trainer.federation.num_sites", "2"], "no federation secret"),
+    (["--trainer.federation.address", "10.1.2.3", "--trainer.federation.num_sites", "2"],
+     "reachable from other machines, but secret_file"),
+    # loopback address, but listening on every interface: exposed, so authentication is required as well
+    (["--trainer.federation.bind_address", "0.0.0.0", "--trainer.federation.num_sites", "2"],
+     "listens on 0.0.0.0, reachable from other machines, but secret_file (or $NEUROFED_FEDERATION_SECRET), key_file"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tmp_path, tiny_bids, capsys, monkeypatch, override, expected):
     monkeypatch.delenv("NEUROFED_FEDERATION_SECRET", raising=False)

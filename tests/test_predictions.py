@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import NO_VALIDATOR, bids_validator
+from timeouts import STARTUP_S, scaled
 
 from neurofed.predictions import (
     fit_bias_correction,
@@ -155,11 +156,10 @@ def test_too_few_or_constant_labels_give_no_correction():
     assert fit_bias_correction(same) is None
 
 
-@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
-def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
+def _predictions_of_a_real_dataset(root: Path) -> tuple[list[dict], SimpleNamespace]:
+    """Outputs and a data module for a dataset written by ``make_bids``, split as BrainMRIDataModule splits."""
     from neurofed.data import index_bids, split_subjects
 
-    root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=3)
     records, _ = index_bids(root)
     assignment = split_subjects([r.participant_id for r in records])
     by_split = {s: [r for r in records if assignment[r.participant_id] == s] for s in ("train", "val", "test")}
@@ -168,10 +168,48 @@ def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
     labels = torch.tensor([r.label for r in records])
     outputs = [{"pred": labels + 1.0, "target": labels, "participant_id": [r.participant_id for r in records],
                 "session": [r.session for r in records], "site": [r.site for r in records]}]
+    return outputs, dm
+
+
+@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
+def test_derivative_passes_the_bids_validator(make_bids, tmp_path):
+    root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=3)
+    outputs, dm = _predictions_of_a_real_dataset(root)
     write_predictions(outputs, dm, torch.nn.Linear(1, 1), run_name=RUN, strategy="FedAvg")
     write_predictions(outputs, dm, run_name="second")
     result = subprocess.run([bids_validator(), "--format", "json", str(root / "derivatives" / "neurofed")],
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, text=True, timeout=scaled(STARTUP_S), check=False)
     issues = json.loads(result.stdout)["issues"]["issues"]
     errors = [f"{i['code']} {i.get('location')}" for i in issues if i["severity"] == "error"]
     assert errors == []
+
+
+@pytest.mark.skipif(bids_validator() is None, reason=NO_VALIDATOR)
+def test_tables_and_data_dictionaries_follow_bids_tabular_rules(make_bids, tmp_path):
+    # BIDS has no file type for predictions, so runs/ is in .bidsignore and the validator never reads them.
+    # Put a table and its data dictionary where it does (phenotype/ of a scratch dataset: one row per
+    # participant, so a dataset without sessions) and check them there; a tampered copy shows it is looking.
+    import shutil
+
+    root = make_bids(tmp_path / "raw", n_subjects=6, shape=(8, 8, 8), sessions_every=0)
+    outputs, dm = _predictions_of_a_real_dataset(root)
+    write_predictions(outputs, dm, torch.nn.Linear(1, 1), run_name=RUN, strategy="FedAvg")
+    scratch = make_bids(tmp_path / "scratch", n_subjects=6, shape=(8, 8, 8), sessions_every=0)
+    (scratch / "phenotype").mkdir()
+    for suffix in (".tsv", ".json"):
+        shutil.copy(_run_dir(root) / f"desc-age_predictions{suffix}", scratch / "phenotype" / f"predictions{suffix}")
+
+    def phenotype_errors() -> list[str]:
+        result = subprocess.run([bids_validator(), "--format", "json", str(scratch)], capture_output=True, text=True,
+                                timeout=scaled(STARTUP_S), check=False)
+        issues = json.loads(result.stdout)["issues"]["issues"]
+        return [f"{i['code']} {i.get('issueMessage')}" for i in issues
+                if i["severity"] == "error" and "phenotype" in str(i.get("location"))]
+
+    assert phenotype_errors() == []
+    table = scratch / "phenotype" / "predictions.tsv"
+    lines = table.read_text().splitlines()
+    cells = lines[1].split("\t")
+    cells[2], cells[4] = "held-out", "NaN"  # a split outside its Levels, a missing value not written n/a
+    table.write_text("\n".join([lines[0], "\t".join(cells), *lines[2:]]) + "\n")
+    assert len(phenotype_errors()) == 2

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from timeouts import scaled
 
 from neurofed.lightning_compat import wandb_init_kwargs
 from neurofed.tracking import configure_site_loggers, flatten_config, group_wandb_runs
@@ -63,13 +65,37 @@ def test_lightning_wandb_logger_built_like_the_cli_does_gets_the_group(monkeypat
     assert (init["group"], init["job_type"], init["name"], init["mode"]) == ("fed1", "site", "fed1-ixi", "offline")
 
 
+# No save_dir: the runs must go where $WANDB_DIR says.
+def test_wandb_dir_is_honoured_unless_the_logger_names_its_own(monkeypatch, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "env"))
+    default, own = WandbLogger(anonymous=None), WandbLogger(save_dir=str(tmp_path / "own"))
+    group_wandb_runs([default, own], run_name="fed1", site_name="ixi")
+    assert wandb_init_kwargs(default)["dir"] == str(tmp_path / "env") and "anonymous" not in wandb_init_kwargs(default)
+    assert wandb_init_kwargs(own)["dir"] == str(tmp_path / "own")
+
+
+def test_a_trainer_built_in_python_logs_its_settings_with_dotted_names(tmp_path):
+    from federated.federated_toys import ToyRegressor
+
+    from neurofed.federated import FedAdam, FederatedTrainer
+    from neurofed.tracking import run_config
+
+    trainer = FederatedTrainer(rounds=3, strategy=FedAdam(eta=0.05), logger=False, default_root_dir=str(tmp_path))
+    config = run_config(trainer, ToyRegressor(), "ixi")
+    assert config["trainer.rounds"] == 3 and config["trainer.strategy.eta"] == 0.05
+    assert config["trainer.strategy.class_path"].endswith("FedAdam") and config["trainer.federation.num_sites"] == 1
+    assert config["model.class_path"].endswith("ToyRegressor") and (config["site.rank"], config["site.name"]) == (0, "ixi")
+    assert all("." in key and " " not in key for key in config)
+
+
 WANDB_YAML = """
 trainer:
   logger:
     class_path: lightning.pytorch.loggers.WandbLogger
     init_args:
       project: neurofed
-      save_dir: {save_dir}
       log_model: true
 """
 
@@ -85,13 +111,14 @@ def test_a_simulated_federation_records_what_wandb_users_expect(tmp_path, tiny_s
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     (tmp_path / "wandb").mkdir()
     config = tmp_path / "wandb.yaml"
-    config.write_text(WANDB_YAML.format(save_dir=tmp_path / "wandb"))
+    config.write_text(WANDB_YAML)
+    in_cwd = set(Path("wandb").glob("offline-run-*"))
     out = io.StringIO()
     code = simulate(
         ["fit", "--config", "configs/federated_demo.yaml", "--config", str(config), "--data.shape", "[32,32,32]",
          "--data.spacing", "4.0", "--data.batch_size", "4", "--trainer.rounds", "2",
          "--model.init_args.channels", "[2,4,4,4,4]", "--trainer.default_root_dir", str(tmp_path / "runs"),
-         "--data.cache_dir", str(tmp_path / "cache"), "--trainer.federation.timeout_s", "120"],
+         "--data.cache_dir", str(tmp_path / "cache"), "--trainer.federation.timeout_s", str(scaled(120))],
         [str(root) for root in tiny_sites], out=out,
     )
     console = out.getvalue()
@@ -99,13 +126,20 @@ def test_a_simulated_federation_records_what_wandb_users_expect(tmp_path, tiny_s
     rounds = [line for line in console.splitlines() if " round " in line and "pooled val loss" in line]
     assert len(rounds) == 6 and all(len(line) <= 100 for line in rounds), rounds
 
+    assert "anonymous" not in console  # wandb's warning about a setting nobody made
+    assert not [line for line in console.splitlines() if "frame #" in line or "[c10d]" in line]
+    assert set(Path("wandb").glob("offline-run-*")) == in_cwd  # nothing in the working folder: $WANDB_DIR wins
     runs = {r["name"]: r for r in map(read_run, (tmp_path / "wandb").glob("wandb/offline-run-*/*.wandb"))}
     assert set(runs) == {"demo-ixi", "demo-sald", "demo-camcan"}
-    for name, run in runs.items():
+    for k, (name, run) in enumerate(sorted(runs.items(), key=lambda item: item[1]["config"]["site.rank"])):
         assert (run["group"], run["job_type"]) == ("demo", "site")
         assert {"trainer.rounds", "trainer.federation.num_sites", "model.class_path", "model.lr", "data.root",
-                "data.label", "data.shape"} <= set(run["config"])
+                "data.label", "data.shape", "site.rank", "site.name"} <= set(run["config"])
+        # one naming scheme: dotted keys, no spaces, every setting once (no "rounds" beside "trainer.rounds")
+        keys = [key for key in run["config"] if not key.startswith("_")]
+        assert all("." in key and " " not in key for key in keys), sorted(keys)
         assert run["config"]["trainer.rounds"] == 2 and run["config"]["data.root"].endswith(name.split("-")[1])
+        assert run["config"]["site.rank"] == k and run["config"]["site.name"] == name.split("-")[1]
         per_round = [row for row in run["history"] if "val/pooled/loss" in row]
         assert [row["trainer/global_step"] for row in per_round] == [1, 2]
         assert {"train/site/loss", "val/site/mae", "val/pooled/mae", "val/pooled/r"} <= set(per_round[0])

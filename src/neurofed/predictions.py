@@ -1,18 +1,21 @@
 """Predictions as a BIDS derivative dataset: ``<root>/derivatives/neurofed/`` at every site.
 
 Predictions never leave the site that made them, so each site writes its own table next to its own data.
-The bias correction of the brain-age gap is fitted on the site's training and validation scans only and then
-applied to every scan, so test-set gaps are never used to correct themselves.
+The ``split`` column and the bias correction of the brain-age gap come from the run that trained the model
+(:mod:`neurofed.provenance`): at the end of ``fit`` the correction is fitted on each dataset's training and
+validation scans and stored with the model, so test-set gaps never correct themselves; applied to a dataset
+the run never used, the model labels every scan ``unseen`` and applies the run's correction unchanged.
 
-Layout (``bids-validator-deno`` reports no error on it)::
+Layout (``bids-validator-deno`` reports no error on it; it checks ``dataset_description.json`` and the README
+only, because BIDS has no file type for model predictions and ``runs/`` is listed in ``.bidsignore``)::
 
     derivatives/neurofed/
         dataset_description.json     DatasetType derivative; GeneratedBy: one entry per run written here
         README.md
-        .bidsignore                  "runs": BIDS has no file type for model predictions
+        .bidsignore                  "runs"
         runs/<run>/desc-<label>_predictions.tsv    participant_id, session_id, split, <label>, ...
-        runs/<run>/desc-<label>_predictions.json   data dictionary: columns, units, bias correction, model,
-                                                   checkpoint
+        runs/<run>/desc-<label>_predictions.json   data dictionary: columns, units, levels, bias correction,
+                                                   the training run, model, checkpoint
         runs/<run>/figures/desc-<label>_scatter.png
 
 One folder per run, so a run never overwrites another's table or figure.
@@ -38,8 +41,15 @@ import torch
 
 from neurofed.atomic import atomic_write_text
 from neurofed.data.labels import display_name, sidecar_units
-from neurofed.metrics import BiasCorrection, RegressionStats, format_number
-from neurofed.plots import scatter_true_vs_predicted
+from neurofed.metrics import format_number
+from neurofed.plots import figure_title, scatter_true_vs_predicted
+from neurofed.provenance import (
+    DatasetProvenance,
+    dataset_provenance,
+    fit_bias_correction,
+    split_fingerprints,
+    training_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,12 @@ SPLIT_LEVELS = {
     "train": "used to train the model (and to fit the bias correction)",
     "val": "used for model selection (and to fit the bias correction)",
     "test": "held out: never used for training, model selection or the bias correction",
+    "unseen": "never used by the run that trained the model: a dataset it did not train on, or a subject "
+              "without a label",
 }
+#: ``training_record`` of :func:`write_predictions` when the predictions come from the run that trained the
+#: model on this very data module (the end of ``fit``): its splits are the run's.
+THIS_RUN = "this run"
 
 
 def flatten_outputs(outputs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -87,18 +102,13 @@ def split_lookup(datamodule: Any) -> dict[tuple[str, str], str]:
     return lookup
 
 
-def fit_bias_correction(rows: Sequence[Mapping[str, Any]]) -> BiasCorrection | None:
-    """Linear age-bias correction from the train/val rows only; None when there are too few labels."""
-    fit_rows = [r for r in rows if r["split"] in ("train", "val") and math.isfinite(r["target"])]
-    if len(fit_rows) < 3:
-        return None
-    stats = RegressionStats.from_predictions(
-        torch.tensor([r["prediction"] for r in fit_rows]), torch.tensor([r["target"] for r in fit_rows])
-    )
-    try:
-        return BiasCorrection.fit(stats)
-    except ValueError:  # all labels equal: no trend to remove
-        return None
+def run_training_record(outputs: Iterable[Mapping[str, Any]], datamodule: Any, run_name: str) -> dict[str, Any]:
+    """The training record of the run whose model made ``outputs`` on its own data module (see provenance)."""
+    rows = flatten_outputs(outputs)
+    splits = split_lookup(datamodule)
+    for row in rows:
+        row["split"] = splits.get((row["site"], row["participant_id"]), "unseen")
+    return training_record(rows, datamodule, run_name)
 
 
 def write_site_table(rows: Sequence[Mapping[str, Any]], path: Path, label: str) -> Path:
@@ -135,32 +145,44 @@ def run_folder(run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip(".-") or "run"
 
 
-def predictions_sidecar(
-    label: str,
-    correction: BiasCorrection | None,
-    n_fit: int,
-    provenance: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The data dictionary of a predictions table: every column, its unit, the bias correction and what made it."""
+_THIS_DATASET = {
+    "trained": "one of the datasets the run trained on ({matched}): same subjects, same split",
+    "unseen": "not one of the run's datasets: the model never saw any of its scans",
+    "unknown": "named like one of the run's datasets, but its subjects or split differ from the run's: whether a "
+               "scan was used for training cannot be told (split n/a)",
+    "no record": "unknown: the checkpoint carries no training record (split n/a)",
+}
+
+
+def predictions_sidecar(label: str, where: DatasetProvenance, record: Mapping[str, Any] | None,
+                        provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The data dictionary of a predictions table: every column, its unit and levels, the bias correction and
+    where it was fitted, the run that trained the model and how this dataset relates to it, and what made it."""
     name = display_name(label)
     units = {"Units": u} if (u := sidecar_units(label)) else {}
+    correction = where.correction
     if correction is None:
-        method = (f"not applied: fewer than 3 labelled train/val scans at this site ({n_fit}); "
-                  "gap_corrected is n/a")
+        method = f"not applied ({where.fitted_on}; fewer than 3 labelled train/val scans, or none known); " \
+                 "gap_corrected is n/a" if where.status != "no record" else f"{where.fitted_on}; gap_corrected is n/a"
     else:
         method = (
             f"linear: gap_corrected = gap - (slope * {label} + intercept), slope and intercept fitted by least "
-            f"squares of gap on {label} over this site's {n_fit} labelled train and val scans (slope "
-            f"{correction.slope:.6g}, intercept {correction.intercept:.6g}), then applied to every scan; test "
-            "scans never enter the fit"
+            f"squares of gap on {label} over {where.fitted_on} ({where.n_fit} scans; slope {correction.slope:.6g}, "
+            f"intercept {correction.intercept:.6g}); test and unseen scans never enter the fit"
         )
+    levels = {k: v for k, v in SPLIT_LEVELS.items() if where.status == "trained" or k == "unseen"}
+    training = {"ThisDataset": _THIS_DATASET[where.status].format(matched=where.matched)}
+    if record is not None:
+        training = {"Run": record.get("run"), "Datasets": {
+            d: {s: entry.get("splits", {}).get(s, {}).get("subjects") for s in ("train", "val", "test")}
+            for d, entry in record.get("datasets", {}).items()}, **training}
     return {
         "participant_id": {"Description": "Participant, as named in the source dataset."},
         "session_id": {"Description": "Session (ses-<label>) of the scan; n/a when the dataset has no sessions."},
         "split": {
-            "Description": "Subject-level split of the scan in the run that made the model; n/a for scans "
-            "outside train/val/test (no label).",
-            "Levels": dict(SPLIT_LEVELS),
+            "Description": "Subject-level split of the scan in the run that trained the model (TrainingRun); "
+            "n/a when it cannot be told.",
+            "Levels": levels,
         },
         label: {"Description": f"Observed {name} (participants.tsv, or the sessions file for age); n/a when "
                 "unknown.", **units},
@@ -169,10 +191,11 @@ def predictions_sidecar(
         "gap_corrected": {"Description": f"gap without its linear dependence on {label}: {method}.", **units},
         "BiasCorrection": {
             "Method": method,
-            "FittedOn": "train and val scans of this site",
-            "N": n_fit,
+            "FittedOn": where.fitted_on,
+            "N": where.n_fit,
             **({"Slope": correction.slope, "Intercept": correction.intercept} if correction else {}),
         },
+        "TrainingRun": training,
         "GeneratedBy": dict(provenance),
     }
 
@@ -238,12 +261,14 @@ def write_predictions(
     run_name: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     strategy: str | None = None,
+    training_record: Mapping[str, Any] | str | None = THIS_RUN,
 ) -> list[Path]:
     """Write every site's predictions as a BIDS derivative under ``<root>/derivatives/neurofed/``.
 
-    Each site gets ``runs/<run>/desc-<label>_predictions.tsv``, its JSON data dictionary, a test-split scatter
-    plot when test labels exist, and an entry for the run in the derivative's ``dataset_description.json``.
-    Falls back to ``checkpoints/predictions/<site>/`` when a data root is read-only.
+    Each dataset gets ``runs/<run>/desc-<label>_predictions.tsv``, its JSON data dictionary, a scatter plot of
+    its own scans (test split, or the scans the model never saw) when they have labels, and an entry for the
+    run in the derivative's ``dataset_description.json``. Falls back to ``checkpoints/predictions/<site>/``
+    when a data root is read-only.
 
     Args:
         outputs: ``predict_step`` outputs (batches of pred, target, participant_id, session, site).
@@ -252,12 +277,17 @@ def write_predictions(
         run_name: Names the run's folder and appears in titles and records; default ``predict-<timestamp>``,
             so that an unnamed call never overwrites an earlier one.
         checkpoint: Checkpoint the weights came from; its path and SHA-256 are recorded.
-        strategy: Federated strategy of the run (e.g. ``"FedAvg"``), for titles and records.
+        strategy: How the model was trained (``"FedAvg"``, ``"centralized"``), for titles and records.
+        training_record: The record of the run that trained the model (:mod:`neurofed.provenance`, read from its
+            checkpoint); :data:`THIS_RUN` when that run is this data module's (the end of ``fit``); ``None``
+            when unknown (splits and correction are then n/a).
 
     Returns the paths written (tables, data dictionaries, figures).
     """
     label = getattr(datamodule, "label", "target")
     run_name = run_name or time.strftime("predict-%Y%m%dT%H%M%S")
+    if isinstance(training_record, str):
+        training_record = run_training_record(outputs, datamodule, run_name)
     folder = Path(RUNS_DIR) / run_folder(run_name)
     provenance = {
         "Name": "neurofed",
@@ -269,25 +299,20 @@ def write_predictions(
     }
     rows = flatten_outputs(outputs)
     splits = split_lookup(datamodule)
+    fingerprints = split_fingerprints(datamodule)
     by_site: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        row["split"] = splits.get((row["site"], row["participant_id"]), MISSING)
-        row["gap"] = row["prediction"] - row["target"]
         by_site[row["site"]].append(row)
 
     roots = dict(zip(getattr(datamodule, "site_names", []), getattr(datamodule, "roots", [])))
     written: list[Path] = []
-    test_points: dict[str, tuple[list[float], list[float]]] = {}
-    first_dir: Path | None = None
     for site, site_rows in by_site.items():
-        correction = fit_bias_correction(site_rows)
-        n_fit = sum(r["split"] in ("train", "val") and math.isfinite(r["target"]) for r in site_rows)
+        where = dataset_provenance(training_record, site, fingerprints.get(site, {}))
         for row in site_rows:
-            row["gap_corrected"] = (
-                float(correction.corrected_gap(torch.tensor([row["prediction"]]), torch.tensor([row["target"]]))[0])
-                if correction is not None and math.isfinite(row["target"])
-                else float("nan")
-            )
+            row["split"] = where.split_of(splits.get((site, row["participant_id"])))
+            row["gap"] = row["prediction"] - row["target"]
+            row["gap_corrected"] = (where.correction.corrected_gap(row["prediction"], row["target"])
+                                    if where.correction is not None and math.isfinite(row["target"]) else math.nan)
         root = Path(roots[site]) if site in roots else None
         out_dir = _writable_dir((root or Path(".")) / DERIVATIVE_DIR, site)
         write_dataset_description(out_dir, root, {
@@ -298,20 +323,30 @@ def write_predictions(
         })
         table = out_dir / folder / f"desc-{label}_predictions.tsv"
         written.append(write_site_table(site_rows, table, label))
-        sidecar = predictions_sidecar(label, correction, n_fit, {**provenance, "Site": site})
+        sidecar = predictions_sidecar(label, where, training_record, {**provenance, "Site": site})
         written.append(atomic_write_text(table.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n"))
-        first_dir = first_dir or out_dir / folder
-        test = [r for r in site_rows if r["split"] == "test" and math.isfinite(r["target"])]
-        if test:
-            test_points[site] = ([r["target"] for r in test], [r["prediction"] for r in test])
-    if test_points and first_dir is not None:
-        written.append(
-            scatter_true_vs_predicted(
-                test_points, first_dir / "figures" / f"desc-{label}_scatter.png", label=label,
-                run=run_name, strategy=strategy, split="test",
-            )
-        )
+        figure = _site_scatter(site, site_rows, out_dir / folder / "figures" / f"desc-{label}_scatter.png",
+                               label, run_name, strategy)
+        written += [figure] if figure is not None else []
     return written
+
+
+def _site_scatter(site: str, rows: Sequence[Mapping[str, Any]], path: Path, label: str, run: str,
+                  strategy: str | None) -> Path | None:
+    """One dataset's own scans, true vs predicted: its test split, else the scans the model never saw."""
+    labelled = [r for r in rows if math.isfinite(r["target"])]
+    for split, title in (("test", None), ("unseen", "scans the model never saw"), ("n/a", "scans of unknown split")):
+        shown = [r for r in labelled if r["split"] == split]
+        if shown:
+            subject = f"{display_name(label)}: true vs predicted"
+            return scatter_true_vs_predicted(
+                {site: ([r["target"] for r in shown], [r["prediction"] for r in shown])}, path, label=label,
+                title=figure_title(f"{subject}, {title}", run, strategy) if title else None,
+                run=run, strategy=strategy, split=split,
+            )
+    return None
+
+
 def _writable_dir(preferred: Path, site: str) -> Path:
     try:
         preferred.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from neurofed.federated.results import HISTORY_FILE, metrics_file, read_json
 __all__ = ["DESCRIPTION", "RunStatus", "add_arguments", "read_status", "run"]
 
 DESCRIPTION = """Print a run's progress: rounds done and planned, best round, last pooled metrics, each site's
-record, and whether the run finished. Reads the run folder only; safe while the run goes on.
+record, whether the run finished and, if not, the command that resumes it. Reads the run folder only; safe
+while the run goes on.
 
   neurofed status checkpoints/demo
 """
@@ -76,7 +78,28 @@ class RunStatus:
             out.append(f"test (pooled): MAE {_fmt(pooled.get('mae'))}, r {_fmt(pooled.get('r'))}, n {_fmt(pooled.get('n'))}")
         for folder in self.sites:
             out.append(f"  {folder.name}: {_site_line(folder)}")
+        if self.test is None and any((folder / "committed").is_file() for folder in self.sites):
+            out.append(f"resume: {self.resume_command()}")
         return out
+
+    def resume_command(self) -> str:
+        """The command that continues this run from its last committed round.
+
+        The saved ``config-fit.yaml`` holds every setting; a federation on loopback (a simulation) is resumed
+        with ``simulate`` over the sites' own roots, a real one at each site with its own saved config.
+        """
+        config = self.run_dir / "config-fit.yaml"
+        federation = (_config(config).get("trainer") or {}).get("federation") or {}
+        sites = int(federation.get("num_sites") or 1)
+        if sites == 1:
+            return shlex.join(["neurofed", "fit", "--config", str(config), "--ckpt_path", "last"])
+        roots = [str((_config(self.run_dir / f"site-{k}" / "config-fit.yaml").get("data") or {}).get("root", "?"))
+                 for k in range(sites)]
+        if str(federation.get("address", "127.0.0.1")) in ("127.0.0.1", "localhost", "::1"):
+            return shlex.join(["neurofed", "simulate", "--roots", ",".join(roots), "fit", "--config", str(config),
+                               "--ckpt_path", "last"])
+        site_config = self.run_dir / "site-<k>" / "config-fit.yaml"
+        return f"at each site k: neurofed fit --config {site_config} --ckpt_path last"
 
 
 def _site_line(folder: Path) -> str:
@@ -87,15 +110,23 @@ def _site_line(folder: Path) -> str:
     return f"{last}; files: {', '.join(present) if present else 'none'}"
 
 
-def _planned_rounds(run_dir: Path) -> int | None:
-    config = run_dir / "config-fit.yaml"
-    if not config.is_file():
-        return None
+def _config(path: Path) -> dict[str, Any]:
+    """A saved ``config-*.yaml`` as a dict (empty when missing or unreadable)."""
+    if not path.is_file():
+        return {}
     import yaml
 
     try:
-        return int((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("trainer", {}).get("rounds"))
-    except (TypeError, ValueError, yaml.YAMLError):
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _planned_rounds(run_dir: Path) -> int | None:
+    try:
+        return int((_config(run_dir / "config-fit.yaml").get("trainer") or {}).get("rounds"))
+    except (TypeError, ValueError):
         return None
 
 

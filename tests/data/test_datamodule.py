@@ -130,6 +130,20 @@ def test_filter_that_empties_the_dataset_is_the_stated_cause(make_bids, tmp_path
         _dm(str(root), tmp_path, acq="mprage").setup("fit")
 
 
+def test_strict_refuses_a_filter_that_matches_nothing_and_the_summary_says_so(make_bids, tmp_path):
+    from neurofed.data import index_bids
+
+    root = _small(make_bids, tmp_path)
+    _, report = index_bids(root, acq="mprage")
+    assert not report.ok
+    assert report.summary().splitlines()[0] == (
+        f"data validation: no issues; the filters match no scan at all in {root} (acq=mprage)")
+    with pytest.raises(NeurofedDataError, match="strict mode: change the filters"):
+        index_bids(root, acq="mprage", strict=True)
+    _, partial = index_bids(make_bids(tmp_path / "ses", n_subjects=4, shape=(8, 8, 8)), session="ses-2")
+    assert partial.ok and "the filters left out 3 subject(s)" in partial.summary().splitlines()[0]
+
+
 @pytest.mark.parametrize("damage", ["no participants.tsv", "no label column"])
 def test_predict_needs_no_labels_but_fit_does(make_bids, tmp_path, damage):
     root = _small(make_bids, tmp_path, label_columns=("sex",) if damage == "no label column" else ("age",))

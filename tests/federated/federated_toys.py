@@ -10,6 +10,7 @@ import time
 
 import lightning as L
 import torch
+from timeouts import STARTUP_S, scaled
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -170,7 +171,7 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k].float() - b[k].float()).abs().max()})"
 
 
-def run_processes(target, args_list: list[tuple], timeout: float = 120.0) -> None:
+def run_processes(target, args_list: list[tuple], timeout: float | None = None) -> None:
     """Run ``target(*args)`` for each args tuple in its own spawned process; fail if any fails or hangs."""
     import multiprocessing as mp
 
@@ -178,6 +179,7 @@ def run_processes(target, args_list: list[tuple], timeout: float = 120.0) -> Non
     procs = [ctx.Process(target=target, args=args) for args in args_list]
     for p in procs:
         p.start()
+    timeout = timeout if timeout is not None else scaled(STARTUP_S + 60)
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))

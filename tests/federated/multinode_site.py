@@ -13,8 +13,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 from federated_toys import LocalSnapshots, ToyRegressor, quiet_process, site_data, state_of  # noqa: E402
+
+from timeouts import scaled  # noqa: E402
 
 from neurofed.federated import FederatedTrainer, Federation  # noqa: E402
 
@@ -32,7 +34,7 @@ def main() -> None:
     trainer = FederatedTrainer(
         rounds=2, accelerator="cpu", devices=1, num_nodes=args.nodes, logger=False, enable_progress_bar=False,
         default_root_dir=args.out, callbacks=[snapshots],
-        federation=Federation(port=args.fed_port, site_rank=args.site, num_sites=2, timeout_s=60),
+        federation=Federation(port=args.fed_port, site_rank=args.site, num_sites=2, timeout_s=scaled(60)),
     )
     model = ToyRegressor()
     data = site_data(args.site, n_test=7)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 
 from neurofed.federated.simulate import free_port
 
@@ -36,7 +37,7 @@ def test_a_site_on_two_torchrun_nodes_federates_with_a_one_node_site(tmp_path) -
     outputs = []
     for p in procs:
         try:
-            outputs.append(p.communicate(timeout=240)[0])
+            outputs.append(p.communicate(timeout=scaled(STARTUP_S + 180))[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()

@@ -4,6 +4,7 @@ of a commit, or a full disk; leftovers are cleaned; the last committed round alw
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import lightning as L
@@ -116,16 +117,36 @@ def test_a_crash_at_any_write_of_a_commit_resumes_bit_identical(tmp_path, monkey
     assert resumed_trainer.best_model_path and load(resumed_trainer.best_model_path)["epoch"] == full_trainer.state.best_round
 
 
-def test_disk_full_is_one_error_keeps_the_last_round_and_resumes(tmp_path, monkeypatch):
+class FillingDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: writes succeed until the disk is full, then fail with ENOSPC."""
+
+    def __init__(self, inner, room: int) -> None:
+        self.inner, self.room = inner, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.inner.write(data)
+
+
+@pytest.mark.parametrize("where", ["open", "inside torch.save"])
+def test_disk_full_is_one_error_keeps_the_last_round_and_resumes(tmp_path, monkeypatch, where):
     full, full_trainer, _ = _fit(tmp_path, "full", 4, generator_seed=5)
     import neurofed.atomic as atomic
 
     real = atomic.atomic_write
 
     def full_disk(path, write):
-        if "00003" in str(path):
+        if "00003" not in str(path):
+            return real(path, write)
+        if where == "open":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, write)
+        # the disk fills while torch.save streams the round: torch raises RuntimeError from its zip writer
+        return real(path, lambda f: write(FillingDisk(f, room=600)))
 
     monkeypatch.setattr(atomic, "atomic_write", full_disk)
     with pytest.raises(FederationStorageError, match=r"no space left in .*rounds to commit round 3 .* MB\); "
@@ -161,3 +182,27 @@ def test_a_resume_that_changes_the_strategy_or_its_settings_is_refused(tmp_path,
     assert committed_rounds(tmp_path / "run", 0) == (2, 1)  # nothing of the refused resume was written
     _, trainer, _ = _fit(tmp_path, "run", 3, ckpt_path="last")  # more rounds, same settings: a resume
     assert [h["round"] for h in trainer.history] == [3.0]
+
+
+def test_a_private_run_may_change_its_dp_sgd_settings_on_resume_but_not_stop_being_private(tmp_path):
+    from neurofed.federated.resume import refuse_changed_settings
+
+    run = tmp_path / "run"
+    _fit(tmp_path, "run", 2)
+    committed = committed_rounds(run, 0)
+    stored = load(round_dir(run, 0, committed[0]) / "round.pt")["settings"]
+    private = {**stored, "sample-level privacy": "DPSGD(noise_multiplier=0.8)"}
+    _rewrite_settings(run, committed[0], private)
+    refuse_changed_settings(run, 0, committed, {**private, "sample-level privacy": "DPSGD(noise_multiplier=4.0)"})
+    with pytest.raises(CheckpointError, match="was trained with sample-level privacy 'DPSGD"):
+        refuse_changed_settings(run, 0, committed, {**private, "sample-level privacy": "None"})
+    _rewrite_settings(run, committed[0], stored)
+    with pytest.raises(CheckpointError, match="was trained with sample-level privacy 'None'"):
+        refuse_changed_settings(run, 0, committed, private)
+
+
+def _rewrite_settings(run, round, settings):
+    path = round_dir(run, 0, round) / "round.pt"
+    record = load(path)
+    record["settings"] = settings
+    torch.save(record, path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from federated_toys import ToyRegressor
 from threaded_sites import ThreadGroup, _Board
+from timeouts import scaled
 
 from neurofed.federated import ClipUpdates, DPFedAvg, FedAvg, FedMedian, SecureAggregation
 from neurofed.federated.aggregate_checks import check_parameters
@@ -51,7 +52,7 @@ def _screen(params: list[torch.Tensor], start: torch.Tensor, layout: VectorLayou
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(scaled(30))
     return out, kinds
 
 

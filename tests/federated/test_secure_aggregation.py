@@ -80,8 +80,8 @@ def test_values_outside_the_range_are_clipped_and_counted_never_wrapped() -> Non
         return strategies[-1]
 
     out = run_rule(make, [(params, [1.0] * n)], start)[0][0]
-    # site 0's weighted update (Δ/3) had two values beyond ±2: they became ±2 instead of wrapping to garbage
-    torch.testing.assert_close(out, torch.tensor([0.5 / 3, 2.0, -2.0, 0.0, 1 / 3]))
+    # site 0's update had two values beyond ±2: they became ±2 (then weighted by 1/3) instead of wrapping to garbage
+    torch.testing.assert_close(out, torch.tensor([0.5 / 3, 2 / 3, -2 / 3, 0.0, 1 / 3]))
     assert [s.clipped_values for s in strategies] == [2, 0, 0]
     assert strategies[0].round_metrics()["secagg/clipped_values"] == 2.0
     with pytest.raises(ValueError, match="frac_bits"):
@@ -154,10 +154,13 @@ def test_wire_allows_public_keys_and_masked_integers_only_in_their_shapes() -> N
             check_payload(kind, t)
 
 
-def test_dp_fedavg_under_secure_aggregation_adds_the_same_noise_as_without() -> None:
-    """The masked sum of noised, clipped updates equals the plain one (same noise seed), within quantization."""
+def test_dp_fedavg_under_secure_aggregation_adds_the_same_noise_as_without(monkeypatch) -> None:
+    """The masked sum of noised, clipped updates equals the plain one given the same noise, within quantization
+    (the noise generator is seeded here from the round and site only to compare two runs)."""
+    monkeypatch.setattr(DPFedAvg, "_generator",
+                        lambda self, context: torch.Generator().manual_seed(1000 * context.round + context.site_rank))
     start, rounds = _rounds(3, dim=50, scale=1.0)
-    make = lambda: DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=0.5, noise_seed=3)
+    make = lambda: DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=0.5)
     masked = run_rule(lambda: SecureAggregation(make()), rounds, start)
     plain = run_rule(make, rounds, start)
     for r in range(2):
@@ -172,29 +175,42 @@ def test_a_fit_under_secure_aggregation_and_dp_fedavg_records_its_wire_and_budge
     from neurofed.federated.group import LocalGroup, RecordingGroup
 
     L.seed_everything(0)
-    strategy = SecureAggregation(DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, noise_seed=0))
+    strategy = SecureAggregation(DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, delta=1e-3))
     trainer = FederatedTrainer(rounds=2, strategy=strategy, accelerator="cpu", logger=False,
                                enable_progress_bar=False, default_root_dir=str(tmp_path))
     trainer.group = RecordingGroup(LocalGroup())
     trainer.fit(ToyRegressor(bn=False), site_data(0))
     kinds = [kind for kind, _, _ in trainer.group.sent]
     assert kinds.count("public_key") == 1 and kinds.count("masked_parameters") == 2
-    assert "parameters" in kinds[:2]  # only the starting weights cross in the clear (one broadcast)
-    assert kinds.count("parameters") == 1
+    assert kinds.count("parameters") == 1  # only the starting weights cross in the clear (one broadcast)
+    # counts, label statistics, loss and metric sums all cross masked; nothing individual in the clear
+    assert not {"label_stats", "example_count", "loss_sum", "metric_stats", "update_norm",
+                "update_direction"} & set(kinds)
+    assert kinds.count("masked_statistics") == 1 + 2 * 5  # label stats; per round the weight and 4 validation sums
     rows = trainer.history
     assert rows[1]["privacy/site_epsilon"] > rows[0]["privacy/site_epsilon"] > 0
     assert rows[0]["privacy/site_delta"] == 1e-3 and rows[1]["secagg/clipped_values"] == 0
 
 
-def test_ring_neighbours_are_symmetric_and_refuse_odd_counts() -> None:
+def test_mask_partners_are_a_symmetric_random_graph_that_colluders_cannot_choose() -> None:
+    import secrets
+
+    coin = secrets.token_bytes(32)
     for n in (5, 8, 16):
-        sets = [sa.ring_neighbours(i, n, 4) for i in range(n)]
-        assert all(len(s) == 4 and i not in s for i, s in enumerate(sets))
-        assert all((i in sets[j]) == (j in sets[i]) for i in range(n) for j in range(n))
-    assert sa.ring_neighbours(0, 3, 4) == {1, 2}
+        for r in range(3):
+            sets = [sa.mask_partners(i, n, 4, coin, r) for i in range(n)]
+            assert all(len(s) == 4 and i not in s for i, s in enumerate(sets))
+            assert all((i in sets[j]) == (j in sets[i]) for i in range(n) for j in range(n))
+    assert sa.mask_partners(0, 3, 4, coin, 0) == {1, 2}
+    # the fixed ring made sites 4 and 6 all of site 5's partners in every round (two colluders unmasked it);
+    # drawn at random per round they are so in about 1 round in C(15, 2) = 105
+    n, rounds = 16, 300
+    both = sum(sa.mask_partners(5, n, 2, coin, r) == {4, 6} for r in range(rounds))
+    assert both < rounds / 20, both
+    assert sa.mask_partners(5, n, 2, coin, 0) != sa.mask_partners(5, n, 2, b"another coin", 0) or \
+        sa.mask_partners(5, n, 2, coin, 1) != sa.mask_partners(5, n, 2, b"another coin", 1)
     with pytest.raises(ValueError, match="even"):
         SecureAggregation(FedAvg(), neighbours=3)
-
 
 
 class _SwapsSite1sKeyAtSite0(ThreadGroup):
@@ -211,6 +227,6 @@ def test_a_substituted_public_key_is_refused_before_any_mask_is_derived():
     from neurofed.federated.errors import FederationAuthError
 
     params = [torch.randn(6) for _ in range(3)]
-    with pytest.raises(FederationAuthError, match="key of site\\(s\\) 1 is not authenticated"):
+    with pytest.raises(FederationAuthError, match="secure-aggregation keys are not the ones every site signed"):
         run_rule(lambda: SecureAggregation(FedAvg()), [(params, [1.0, 2.0, 3.0])], torch.zeros(6),
                  group_class=_SwapsSite1sKeyAtSite0)

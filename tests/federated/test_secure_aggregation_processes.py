@@ -1,22 +1,26 @@
-"""Secure aggregation across real site processes over gloo: the wire record and what it reveals."""
+"""Secure aggregation across real site processes over gloo: the wire record of a whole fit, what it reveals,
+and a malicious site whose residues leave the range honest sites can produce."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from federated_toys import free_port, quiet_process, run_processes
+from federated_toys import ToyRegressor, free_port, quiet_process, run_processes, site_data
+from timeouts import STARTUP_S, scaled
 
-from neurofed.federated.collectives import Collectives
-from neurofed.federated.config import Federation
+from neurofed.federated import FedAvg, FederatedTrainer, Federation, SecureAggregation
+from neurofed.federated.errors import FederationError
 from neurofed.federated.group import FederationGroup, RecordingGroup
-from neurofed.federated.site_link import SiteLink
-from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, SecureAggregation
 
-DIM, ROUNDS = 1000, 2
+pytestmark = pytest.mark.slow
+
+ROUNDS = 2
+INDIVIDUAL_OK = {"handshake", "public_key", "round_mac", "site_name", "parameters"}
 
 
 class ValueRecordingGroup(RecordingGroup):
@@ -31,54 +35,73 @@ class ValueRecordingGroup(RecordingGroup):
         self.values.append(t.detach().clone())
 
 
-def _update(rank: int, r: int) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng([rank, r]).normal(0, 0.05, DIM).astype(np.float32))
+class ShiftsItsResidues(ValueRecordingGroup):
+    """A malicious site: after masking, it adds Δ·2^f to coordinate 0 of what it sends (its clipping is its
+    own courtesy; nobody can see its residues)."""
+
+    def __init__(self, inner, delta: float, frac_bits: int) -> None:
+        super().__init__(inner)
+        self.shift = int(delta * 2**frac_bits)
+
+    def all_reduce_sum(self, t, kind):
+        if kind == "masked_parameters":
+            t = t.clone()
+            t[0] += self.shift
+        return super().all_reduce_sum(t, kind)
 
 
-def _site(rank: int, n: int, port: int, out_dir: str) -> None:
+def _site(rank: int, n: int, port: int, out_dir: str, malicious_delta: float | None = None) -> None:
     quiet_process()
-    group = ValueRecordingGroup(FederationGroup("127.0.0.1", port, rank, n, timeout_s=60))
-    fed = Federation(site_rank=rank, num_sites=n)
-    link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")), fed, group=group)
-    strategy = SecureAggregation(FedAvg())
-    g = torch.zeros(DIM)
-    results = []
-    for r in range(ROUNDS):
-        ctx = RoundContext(round=r, seed=0, site_rank=rank, num_sites=n)
-        params = g + _update(rank, r)
-        sent = strategy.client_update(params, g, ctx)
-        g = strategy.aggregate(Contribution(sent, g, float(10 + rank)), Collectives(link, r), ctx)
-        results.append(g.tolist())
-    group.close()
-    masked = [v for (kind, _, _), v in zip(group.sent, group.values) if kind == "masked_parameters"]
-    record = {"kinds": [[k, str(d), list(s)] for k, d, s in group.sent], "results": results,
-              "masked": [m.tolist() for m in masked]}
-    with open(f"{out_dir}/site{rank}.json", "w") as f:
-        json.dump(record, f)
+    L.seed_everything(rank)
+    strategy = SecureAggregation(FedAvg(), clip_range=16.0)
+    inner = FederationGroup("127.0.0.1", port, rank, n, timeout_s=scaled(60))
+    frac_bits = 52 - 2 - 4  # FixedPoint(16, 3)'s precision: the attacker knows the public settings
+    group = ValueRecordingGroup(inner) if malicious_delta is None else ShiftsItsResidues(inner, malicious_delta, frac_bits)
+    trainer = FederatedTrainer(rounds=ROUNDS, strategy=strategy, accelerator="cpu", logger=False, enable_progress_bar=False,
+                               default_root_dir=out_dir, run_name=f"run{rank}",
+                               federation=Federation(port=port, site_rank=rank, num_sites=n, timeout_s=scaled(60)))
+    trainer.group = group
+    record: dict = {}
+    try:
+        trainer.fit(ToyRegressor(bn=False), site_data(rank))
+        trainer.test(ToyRegressor(bn=False), site_data(rank), ckpt_path="best")
+        record["history"] = trainer.history
+    except FederationError as e:
+        record["error"] = f"{type(e).__name__}: {e}"
+    trainer.close()
+    record["wire"] = [[kind, str(dtype), list(shape), op, int(v.numel() * v.element_size())]
+                      for (kind, dtype, shape), op, v in zip(group.sent, group.ops, group.values)]
+    Path(out_dir, f"site{rank}.json").write_text(json.dumps(record, default=float))
 
 
-@pytest.mark.slow
-def test_three_site_processes_send_keys_once_then_only_masked_integers(tmp_path) -> None:
-    n = 3
-    port = free_port()
-    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=120)
+def test_three_sites_send_nothing_individual_in_the_clear_but_handshake_keys_names_and_checks(tmp_path) -> None:
+    n, port = 3, free_port()
+    run_processes(_site, [(k, n, port, str(tmp_path)) for k in range(n)], timeout=scaled(STARTUP_S + 180))
     records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
-    # the wire: one public key per run (32 bytes) and its MAC under the federation secret (32), then per round
-    # the example count and one masked int64 vector
-    expected = [["public_key", "torch.uint8", [32]], ["handshake", "torch.uint8", [32]]] + [["example_count", "torch.float64", [1]],
-                                                        ["masked_parameters", "torch.int64", [DIM]]] * ROUNDS
     for rec in records:
-        assert rec["kinds"] == expected
-    # every site decodes the same aggregate, equal to the plain weighted mean
-    g = np.zeros(DIM)
-    weights = np.array([10.0 + k for k in range(n)])
-    for r in range(ROUNDS):
-        plain = g + sum(w * _update(k, r).double().numpy() for k, w in enumerate(weights)) / weights.sum()
-        for rec in records:
-            np.testing.assert_allclose(rec["results"][r], plain, rtol=0, atol=1e-6)
-        g = np.asarray(records[0]["results"][r], dtype=np.float32).astype(np.float64)
-    # what site 0 put on the wire is uncorrelated with its true weighted update, round after round
-    for r in range(ROUNDS):
-        sent = np.asarray(records[0]["masked"][r], dtype=np.float64)
-        truth = _update(0, r).double().numpy()
-        assert abs(np.corrcoef(sent, truth)[0, 1]) < 4 / np.sqrt(DIM)
+        assert "error" not in rec, rec.get("error")
+        kinds = {kind for kind, _, _, _, _ in rec["wire"]}
+        # every statistic crosses masked and summed; nothing plain: no count, label, loss or metric sum, no norm
+        # or direction of an update
+        assert not kinds & {"example_count", "label_stats", "loss_sum", "metric_stats", "update_norm",
+                            "update_direction", "control"}
+        for kind, dtype, shape, op, size in rec["wire"]:
+            if op == "sum":
+                assert kind in ("masked_parameters", "masked_statistics") and dtype == "torch.int64", (kind, op)
+            else:  # what every site receives individually: the handshake, keys, names, round checks, start weights
+                assert kind in INDIVIDUAL_OK, (kind, op)
+        assert [op for (kind, _, _, op, _) in rec["wire"] if kind == "parameters"] == ["broadcast"]
+        assert len(rec["history"]) == ROUNDS
+
+
+def test_a_malicious_sites_residue_outside_the_range_stops_the_round_at_every_site(tmp_path) -> None:
+    """Before, adding Δ·2^f after masking moved a coordinate of the global model by up to ±16,384 (n 3, R 16),
+    silently, at every site. Now the decoded weighted mean must lie in [−R, R]: Δ = 100 is caught."""
+    n, port = 3, free_port()
+    run_processes(_site, [(k, n, port, str(tmp_path), 100.0 if k == 2 else None) for k in range(n)],
+                  timeout=scaled(STARTUP_S + 180))
+    records = [json.loads((tmp_path / f"site{k}.json").read_text()) for k in range(n)]
+    for rec in records:
+        assert rec.get("error", "").startswith("FederationIntegrityError"), rec.get("error")
+        assert "decoded outside [-16, 16]" in rec["error"] and "round 1" in rec["error"]
+    assert all(not (tmp_path / f"run{k}" / f"site-{k}" / "committed").exists() for k in range(n))

@@ -22,6 +22,7 @@ from neurofed.federated.strategies import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    SecureAggregation,
     Strategy,
 )
 
@@ -80,6 +81,81 @@ def test_fedopt_family_matches_numpy_over_two_rounds(rule, moment, bias_correcti
     got = _run(lambda: rule(eta=0.05, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=bias_correction))
     for r, expected in enumerate(_fedopt_reference(moment, bias_correction=bias_correction)):
         np.testing.assert_allclose(got[r], expected, rtol=0, atol=2e-6)
+
+
+# Flower's FedOpt rules (flwr 1.42, ``flwr/server/strategy/fedadam.py``, ``fedyogi.py``, ``fedadagrad.py``),
+# written out from their ``aggregate_fit``: Δ = example-weighted mean − current weights, m = β1·m + (1−β1)·Δ
+# from zeros, then the rule's v; FedAdam steps by η·√(1−β2^(r+1))/(1−β1^(r+1)) with r = server_round (from 1)
+# and τ on the uncorrected √v; FedYogi and FedAdagrad step by η; FedAdagrad passes β1 = β2 = 0 to FedOpt.
+FLOWER = {
+    "FedAdam": dict(eta=1e-1, beta_1=0.9, beta_2=0.99, tau=1e-9,
+                    v=lambda v, d2, b2: b2 * v + (1 - b2) * d2,
+                    eta_r=lambda eta, b1, b2, r: eta * np.sqrt(1 - b2 ** (r + 1.0)) / (1 - b1 ** (r + 1.0))),
+    "FedYogi": dict(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3,
+                    v=lambda v, d2, b2: v - (1.0 - b2) * d2 * np.sign(v - d2),
+                    eta_r=lambda eta, b1, b2, r: eta),
+    "FedAdagrad": dict(eta=1e-1, beta_1=0.0, beta_2=0.0, tau=1e-9,
+                       v=lambda v, d2, b2: v + d2,
+                       eta_r=lambda eta, b1, b2, r: eta),
+}
+# neurofed's setting for each: Flower's defaults, and what makes the rule Flower's.
+FLOWER_COMPATIBLE = {
+    "FedAdam": lambda: FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9, bias_correction="flower"),
+    "FedYogi": lambda: FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3),
+    "FedAdagrad": lambda: FedAdagrad(eta=0.1, beta1=0.0, tau=1e-9),
+}
+# Six rounds at three sites whose models stay near the global one, as after a few local steps.
+FL_RNG = np.random.default_rng(11)
+FL_COUNTS = [[40.0, 25.0, 61.0]] * 6
+FL_PARAMS = [(START + 0.05 * FL_RNG.normal(size=(3, 6))).astype(np.float32) for _ in range(6)]
+
+
+def _flower(name: str) -> list[np.ndarray]:
+    f = FLOWER[name]
+    weights, m, v, out = START.astype(np.float64), None, None, []
+    for server_round, (params, counts) in enumerate(zip(FL_PARAMS, FL_COUNTS), start=1):
+        delta = _mean(params, counts) - weights
+        m = np.zeros_like(delta) if m is None else m
+        v = np.zeros_like(delta) if v is None else v
+        m = f["beta_1"] * m + (1 - f["beta_1"]) * delta
+        v = f["v"](v, delta * delta, f["beta_2"])
+        eta = f["eta_r"](f["eta"], f["beta_1"], f["beta_2"], server_round)
+        weights = weights + eta * m / (np.sqrt(v) + f["tau"])
+        out.append(weights)
+    return out
+
+
+def _neurofed_rounds(make) -> list[np.ndarray]:
+    rounds = [([torch.from_numpy(p) for p in params], counts) for params, counts in zip(FL_PARAMS, FL_COUNTS)]
+    results = run_rule(make, rounds, torch.from_numpy(START))
+    return [per_site[0].numpy().astype(np.float64) for per_site in results]
+
+
+def flower_difference(name: str, make=None) -> float:
+    """Max abs difference over six rounds between a neurofed rule (default: its Flower setting) and Flower's."""
+    got, expected = _neurofed_rounds(make or FLOWER_COMPATIBLE[name]), _flower(name)
+    return max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", sorted(FLOWER))
+def test_flower_compatible_settings_equal_flowers_rules(name) -> None:
+    assert flower_difference(name) < 1e-5  # float32 rounding over six rounds; the global vector is ~1
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("FedAdam", lambda: FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9, bias_correction="adam")),
+    ("FedYogi", lambda: FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction="adam")),
+    ("FedAdagrad", lambda: FedAdagrad(eta=0.1, tau=1e-9)),
+], ids=["adam-correction", "yogi-corrected", "adagrad-momentum"])
+def test_other_settings_are_not_flowers(name, make) -> None:
+    # what the docstrings used to call Flower's: Adam's moment correction, a corrected Yogi, Adagrad with β1 = 0.9
+    assert flower_difference(name, make) > 1e-3
+
+
+def test_bias_correction_names_its_choices() -> None:
+    assert FedAdam(bias_correction=True).bias_correction == "adam" and FedAdam().bias_correction == "none"
+    with pytest.raises(ValueError, match="bias_correction must be one of none, adam, flower"):
+        FedAdam(bias_correction="kingma")
 
 
 def test_fedmedian_matches_numpy_and_ignores_unsampled_sites() -> None:
@@ -322,29 +398,63 @@ def test_dp_fedavg_noise_is_distributed_and_sums_to_sigma_c() -> None:
     n, dim, sigma, c = 4, 20_000, 2.0, 0.5
     start = torch.zeros(dim)
     rounds = [([torch.zeros(dim)] * n, [5.0, 5.0, 5.0, 0.0])]  # 3 sites sampled, no signal
-    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c, noise_seed=1), rounds, start)
+    out = run_rule(lambda: DPFedAvg(FedAvg(), noise_multiplier=sigma, clip_norm=c), rounds, start)
     noise = out[0][0].double().numpy()
     assert abs(noise.std() - sigma * c / 3) < 0.03 * sigma * c / 3 and abs(noise.mean()) < 0.01
 
 
-def test_dp_fedavg_epsilon_is_the_rdp_accountants_over_rounds_and_site_sampling() -> None:
+def test_dp_fedavg_accounts_each_site_over_the_rounds_it_took_part_in_without_amplification() -> None:
+    """Who trains is public (drawn from the seed), so there is no amplification by sampling: each site's ε is
+    the RDP accountant's over the rounds it trained in, at q = 1; the accountant is never stepped with q = 0."""
     from opacus.accountants import RDPAccountant
 
     strategies: list[DPFedAvg] = []
 
     def make():
-        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3,
-                                   noise_seed=0))
+        strategies.append(DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3))
         return strategies[-1]
 
     _run(make)
-    reference = RDPAccountant()
-    reference.history = [(1.3, 4 / 4, 1), (1.3, 3 / 4, 1)]  # round 1: all 4 sites; round 2: 3 of 4
-    metrics = strategies[0].round_metrics()
-    assert metrics["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
-    assert metrics["privacy/site_delta"] == 1e-3
+    both, once = RDPAccountant(), RDPAccountant()
+    both.history, once.history = [(1.3, 1.0, 2)], [(1.3, 1.0, 1)]  # sites 0-2 trained twice, site 3 once
+    for k, strategy in enumerate(strategies):
+        reference = once if k == 3 else both
+        assert strategy.round_metrics()["privacy/site_epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-12)
+        assert all(q == 1.0 for _, q, _ in strategy.accountant.history)
+    assert strategies[0].round_metrics()["privacy/site_delta"] == 1e-3
     restored = DPFedAvg(FedAvgM(momentum=0.5), noise_multiplier=1.3, clip_norm=1.0, delta=1e-3)
     restored.load_state_dict(strategies[0].state_dict())
     assert restored.epsilon == strategies[0].epsilon
+    with pytest.raises(ValueError, match="amplification"):  # an old checkpoint's amplified history is refused
+        restored.load_state_dict({"inner": strategies[0].inner.state_dict(), "accountant_history": [(1.3, 0.75, 1)]})
     with pytest.raises(ValueError, match="wrap FedAvg"):
         DPFedAvg(FedMedian(), noise_multiplier=1.0, clip_norm=1.0)
+
+
+@pytest.mark.parametrize("nesting", [
+    lambda: DPFedAvg(SecureAggregation(FedAvg()), noise_multiplier=1.0, clip_norm=1.0),
+    lambda: ClipUpdates(SecureAggregation(FedAvg()), max_norm=1.0),
+    lambda: SecureAggregation(SecureAggregation(FedAvg())),
+    lambda: DPFedAvg(DPFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0), noise_multiplier=1.0, clip_norm=1.0),
+], ids=["dp-around-secagg", "clip-around-secagg", "secagg-twice", "dp-twice"])
+def test_nestings_that_defeat_a_mechanism_are_refused_in_one_line(nesting) -> None:
+    with pytest.raises(ValueError, match="outermost|one DPFedAvg") as e:
+        nesting()
+    assert "\n" not in str(e.value)
+
+
+def test_dp_around_secure_aggregation_would_have_added_no_noise() -> None:
+    """Why the nesting is refused: put together past the check, DPFedAvg(SecureAggregation(FedAvg())) returns
+    exactly the un-noised mean (the masked collectives bypass DP-FedAvg's noisy mean) and accounts nothing."""
+    made: list[DPFedAvg] = []
+
+    def make():
+        outer = DPFedAvg(FedAvg(weighted=False), noise_multiplier=100.0, clip_norm=10.0)
+        outer.inner = SecureAggregation(FedAvg(weighted=False))
+        made.append(outer)
+        return outer
+
+    params = [torch.full((5,), float(k)) for k in range(3)]
+    out = run_rule(make, [(params, [1.0, 1.0, 1.0])], torch.zeros(5))[0][0]
+    torch.testing.assert_close(out, torch.full((5,), 1.0), atol=1e-9, rtol=0)  # σC = 1000, yet no noise
+    assert all(m.accountant.history == [] for m in made)  # and the refused q = 0 step never happens

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from timeouts import STARTUP_S, scaled
 from federated_toys import LocalSnapshots, ToyRegressor, free_port, quiet_process, run_processes, site_data, state_of
 
 from neurofed.federated import FederatedTrainer, Federation
@@ -25,7 +26,7 @@ def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, roo
     snapshots = LocalSnapshots()
     trainer = FederatedTrainer(
         rounds=1, callbacks=[snapshots], accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
-        federation=Federation(port=fed_port, site_rank=site, num_sites=2, timeout_s=60),
+        federation=Federation(port=fed_port, site_rank=site, num_sites=2, timeout_s=scaled(60)),
     )
     trainer.fit(model, data)
     results = trainer.test(model, data)
@@ -42,7 +43,7 @@ def _rank_process(site: int, local_rank: int, site_port: int, fed_port: int, roo
 def test_two_sites_of_two_ranks_end_identical_and_equal_to_the_site_mean(tmp_path):
     ports = [free_port(), free_port(), free_port()]
     run_processes(_rank_process, [(s, r, ports[s], ports[2], str(tmp_path)) for s in (0, 1) for r in (0, 1)],
-                  timeout=180)
+                  timeout=scaled(STARTUP_S + 120))
     res = {(s, r): torch.load(tmp_path / f"result-{s}-{r}.pt", weights_only=False) for s in (0, 1) for r in (0, 1)}
     assert all(x["world_size"] == 2 for x in res.values())
     # only the site leaders joined the federation
@@ -84,7 +85,7 @@ def _resident_rank_process(local_rank: int, site_port: int, fed_port: int, bids:
     model = BrainAgeModule(channels=[2, 2, 2, 2, 2], dropout=0.0, loss="l1")
     trainer = FederatedTrainer(
         rounds=1, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, default_root_dir=root,
-        federation=Federation(port=fed_port, site_rank=0, num_sites=1, timeout_s=60),
+        federation=Federation(port=fed_port, site_rank=0, num_sites=1, timeout_s=scaled(60)),
     )
     trainer.fit(model, data)
     results = trainer.test(model, data)
@@ -101,7 +102,7 @@ def test_resident_scans_under_ddp_inside_a_site(tmp_path, tiny_bids):
     BrainMRIDataModule(str(tiny_bids), spacing=4.0, shape=(24, 28, 24), cache_dir=str(tmp_path / "cache")).prepare_data()
     ports = [free_port(), free_port()]
     run_processes(_resident_rank_process, [(r, ports[0], ports[1], str(tiny_bids), str(tmp_path)) for r in (0, 1)],
-                  timeout=180)
+                  timeout=scaled(STARTUP_S + 120))
     res = [torch.load(tmp_path / f"resident-{r}.pt", weights_only=False) for r in (0, 1)]
     for k, v in res[0]["final"].items():
         if v.is_floating_point():

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from timeouts import scaled
 
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.config import Federation
@@ -23,7 +24,7 @@ from neurofed.federated.wire import check_payload
 class _Board:
     def __init__(self, n: int) -> None:
         self.n = n
-        self.barrier = threading.Barrier(n, timeout=30)
+        self.barrier = threading.Barrier(n, timeout=scaled(30))
         self.slots: list[torch.Tensor | None] = [None] * n
 
     def exchange(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:
@@ -77,6 +78,7 @@ def run_rule(make: Callable[[], Strategy], rounds: list[tuple[list[torch.Tensor]
             fed = Federation(site_rank=k, num_sites=n)
             link = SiteLink(SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu")), fed,
                             group=group_class(board, k))
+            link.open({"rule": "threaded"})  # the handshake: session, coin and each site's signing key
             global_vec = start.clone()
             for r, (params, weights) in enumerate(rounds):
                 context = RoundContext(round=r, seed=0, site_rank=k, num_sites=n)

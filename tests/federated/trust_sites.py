@@ -1,7 +1,8 @@
-"""Child processes of the trust tests: real sites (toy model) and a real outsider using plain torch.distributed.
+"""Child processes of the trust tests: real sites (toy model), a real store outsider using plain
+torch.distributed, and a relay that forwards a genuine site's handshake.
 
 Each writes what happened to ``<out>/<name>.pt``: the error a real site stopped with (type and message, as
-the command line would print it) or its final state; for the outsider, every payload it received.
+the command line would print it) or its final state; for the outsider and the relay, what they did and got.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from federated_toys import ToyRegressor, quiet_process, site_data, state_of
+from timeouts import scaled
 
 from neurofed.federated import FederatedTrainer, Federation
 from neurofed.federated.errors import FederationError
@@ -82,19 +84,28 @@ class Observe:
 
 
 class AlterReceived:
-    """Wraps a site's group: the parameter sum it receives in round ``at`` is altered on the way in."""
+    """Wraps a site's group: the ``at_call``-th sum of ``kind`` it receives is altered on the way in."""
 
-    def __init__(self, inner, at_call: int) -> None:
-        self.inner, self.at_call, self.calls = inner, at_call, 0
+    def __init__(self, inner, at_call: int, kind: str = "parameters") -> None:
+        self.inner, self.at_call, self.calls, self.kind = inner, at_call, 0, kind
         self.site_rank, self.num_sites = inner.site_rank, inner.num_sites
 
     def all_reduce_sum(self, t, kind):
         out = self.inner.all_reduce_sum(t, kind)
-        if kind == "parameters":
+        if kind == self.kind:
             self.calls += 1
             if self.calls == self.at_call:
                 out = out.clone()
                 out[0] += 0.5
+        return out
+
+    def all_gather(self, t, kind):
+        out = self.inner.all_gather(t, kind)
+        if kind == self.kind and self.kind != "parameters":
+            self.calls += 1
+            if self.calls == self.at_call:
+                out = [o.clone() for o in out]
+                out[0][1] += 0.5  # another site's row, as this site receives it
         return out
 
     def __getattr__(self, name):
@@ -107,9 +118,10 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         while not Path(options["wait_for"]).exists():
             time.sleep(0.02)
     L.seed_everything(100 + rank)
-    fed = Federation(port=port, site_rank=rank, num_sites=options.get("num_sites", n), timeout_s=options.get("timeout", 20),
-                     secret_file=secret_file, max_update_norm=options.get("max_update_norm"),
-                     **options.get("federation", {}))
+    fed = Federation(port=options.get("port", port), site_rank=rank, num_sites=options.get("num_sites", n),
+                     timeout_s=options.get("timeout") or scaled(20), secret_file=secret_file,
+                     max_update_norm=options.get("max_update_norm"), key_file=options.get("key_file"),
+                     roster_file=options.get("roster_file"), **options.get("federation", {}))
     model = ToyRegressor(**options.get("model", {}))
     observed = Observe()
     callbacks = [observed] + ([Poison(*options["poison"])] if "poison" in options else [])
@@ -126,15 +138,19 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
 
-            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, 20), options["alter_at"])
+            trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, scaled(20), secret=fed.load_secret()),
+                                          *options["alter_at"])
         if options.get("record_wire"):
             from neurofed.federated.group import FederationGroup, RecordingGroup
 
-            trainer.group = RecordingGroup(FederationGroup("127.0.0.1", port, rank, n, 20))
+            trainer.group = RecordingGroup(FederationGroup("127.0.0.1", port, rank, n, scaled(20),
+                                                           secret=fed.load_secret()))
         trainer.fit(model, site_data(rank, **options.get("data", {})), ckpt_path=options.get("ckpt_path"))
         result.update(final=state_of(model), history=trainer.history)
         if options.get("record_wire"):
             result["wire"] = [kind for kind, _, _ in trainer.group.sent]
+        if options.get("test"):
+            result["test"] = trainer.test(model, site_data(rank, **options.get("data", {})))
         trainer.close()
     except FederationError as e:
         result.update(error=type(e).__name__, message=str(e))
@@ -143,29 +159,50 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
     torch.save(result, Path(out) / f"site{rank}.pt")
 
 
-def outsider(port: int, seat: int, n: int, out: str) -> None:
-    """Takes seat ``seat`` knowing the protocol but not the secret, then records everything it receives."""
-    timeout = timedelta(seconds=20)
+def outsider(port: int, seat: int, out: str) -> None:
+    """Without the secret, takes seat ``seat`` before its site arrives: lists the store's keys (TCPStore lets
+    anyone), and writes a claim, a size and a heartbeat for that seat under every prefix it finds and under the
+    old names, for a few seconds; then it leaves, and ``outsider-done`` tells the real site to come."""
+    timeout = timedelta(seconds=scaled(20))
     store = dist.TCPStore("127.0.0.1", port, None, False, timeout, False)
-    store.add(f"neurofed/pre/seat/{seat}", 1)
-    store.set(f"neurofed/pre/size/{seat}", str(n))
-    store.set(f"neurofed/pre/alive/{seat}", repr(time.time()))
-    (Path(out) / "seat-taken").touch()
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = timeout
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    received: list[torch.Tensor] = []
+    prefixes = set()
+    written = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        prefixes |= {"/".join(k.split("/")[:2]) for k in store.list_keys() if k.startswith("neurofed/")}
+        for prefix in prefixes | {"neurofed/pre"}:
+            for name, value in (("seat", "mine"), ("size", "2"), ("alive", repr(time.time()))):
+                store.set(f"{prefix}/{name}/{seat}", value.encode().rjust(48, b"0"))
+                written += 1
+        time.sleep(0.2)
+    store.add("neurofed/pre/seat/" + str(seat), 1)  # the old protocol's claim, too
+    torch.save({"prefixes": sorted(prefixes), "writes": written}, Path(out) / "outsider.pt")
+    (Path(out) / "outsider-done").touch()
+
+
+def relay(real_port: int, fake_port: int, secret_file: str, out: str) -> None:
+    """Holds the secret (a leaked one, or another hospital's) but not site 1's key. It takes seat 1 in the real
+    federation and, on the path to the genuine site 1 (which reaches it at ``fake_port``), plays seat 0 to it;
+    it forwards site 1's genuine hello and signature into the real federation."""
+    from neurofed.federated.group import FederationGroup
+    from neurofed.federated.handshake import HELLO_BYTES
+    from neurofed.federated.identity import SIGNATURE_BYTES
+    from neurofed.federated.wire import bytes_tensor
+
+    secret = Path(secret_file).read_bytes().strip()
+    got: dict = {}
     try:
-        pg = dist.ProcessGroupGloo(dist.PrefixStore("federation", store), seat, n, options)
-        for size in (64, 32 * n, n):  # hello, tags, verdict: what the handshake exchanges
-            mine = torch.randint(0, 255, (size,), dtype=torch.uint8)
-            got = [torch.empty_like(mine) for _ in range(n)]
-            pg.allgather([got], [mine]).wait()
-            received += [g for k, g in enumerate(got) if k != seat]
-        claim = torch.tensor([1e9], dtype=torch.float64)  # then claim a billion examples, as in the attack
-        pg.allreduce([claim]).wait()
-        received.append(claim)
-    except RuntimeError as e:
-        received.append(torch.tensor([-1.0]))
-        (Path(out) / "outsider-error.txt").write_text(str(e).splitlines()[0])
-    torch.save(received, Path(out) / "outsider.pt")
+        fake = FederationGroup("127.0.0.1", fake_port, 0, 2, timeout_s=scaled(20), secret=secret)  # the genuine site 1 joins
+        real = FederationGroup("127.0.0.1", real_port, 1, 2, timeout_s=scaled(20), secret=secret)  # seat 1 of the real one
+        hello_1 = fake.all_gather(bytes_tensor(bytes(HELLO_BYTES)), "handshake")[1]         # site 1's genuine hello
+        got["real hellos"] = real.all_gather(hello_1, "handshake")                         # forwarded as seat 1's
+        signature_1 = fake.all_gather(bytes_tensor(bytes(SIGNATURE_BYTES)), "handshake")[1]
+        got["real signatures"] = real.all_gather(signature_1, "handshake")                 # forwarded as well
+        fake.all_gather(bytes_tensor(bytes(2)), "handshake")  # verdicts: let both sides finish their step
+        got["real verdicts"] = real.all_gather(bytes_tensor(bytes(2)), "handshake")
+        got["forwarded"] = True
+        for group in (fake, real):
+            group.close()
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        got["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    torch.save(got, Path(out) / "relay.pt")

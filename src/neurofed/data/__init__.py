@@ -1,33 +1,43 @@
-"""BIDS data pipeline: index, validate, preprocess once, cache, load, augment on the GPU."""
+"""BIDS data pipeline: index, validate, preprocess once, cache, load, augment on the GPU.
 
-from neurofed.data.augmentation import GPUAugment
-from neurofed.data.bids import ScanRecord, dataset_name, index_bids
-from neurofed.data.cache import VolumeCache, default_cache_dir, file_digest
-from neurofed.data.datamodule import BrainMRIDataModule
-from neurofed.data.dataset import CachedVolumeDataset, ResidentVolumeDataset
-from neurofed.data.nifti import load_volume
-from neurofed.data.preprocessing import PreprocessConfig, preprocess
-from neurofed.data.resident import ResidentVolumes
-from neurofed.data.splits import split_subjects
-from neurofed.data.validation import DataIssue, NeurofedDataError, ValidationReport
+Names load lazily, so that a light command (``neurofed synth``, ``neurofed status``, ``--help``) that only needs
+the validation report or the synthetic sites does not pay for importing torch and Lightning.
+"""
 
-__all__ = [
-    "BrainMRIDataModule",
-    "CachedVolumeDataset",
-    "DataIssue",
-    "GPUAugment",
-    "NeurofedDataError",
-    "PreprocessConfig",
-    "ResidentVolumeDataset",
-    "ResidentVolumes",
-    "ScanRecord",
-    "ValidationReport",
-    "VolumeCache",
-    "dataset_name",
-    "default_cache_dir",
-    "file_digest",
-    "index_bids",
-    "load_volume",
-    "preprocess",
-    "split_subjects",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GPUAugment": "neurofed.data.augmentation",
+    "ScanRecord": "neurofed.data.bids",
+    "dataset_name": "neurofed.data.bids",
+    "index_bids": "neurofed.data.bids",
+    "VolumeCache": "neurofed.data.cache",
+    "default_cache_dir": "neurofed.data.cache",
+    "file_digest": "neurofed.data.cache",
+    "BrainMRIDataModule": "neurofed.data.datamodule",
+    "CachedVolumeDataset": "neurofed.data.dataset",
+    "ResidentVolumeDataset": "neurofed.data.dataset",
+    "load_volume": "neurofed.data.nifti",
+    "PreprocessConfig": "neurofed.data.preprocessing",
+    "preprocess": "neurofed.data.preprocessing",
+    "ResidentVolumes": "neurofed.data.resident",
+    "split_subjects": "neurofed.data.splits",
+    "DataIssue": "neurofed.data.validation",
+    "NeurofedDataError": "neurofed.data.validation",
+    "ValidationReport": "neurofed.data.validation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'neurofed.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -310,6 +310,7 @@ def _note_filtered(
         values = ", ".join(sorted(present.get(key, set()))) or "none"
         report.note(f"{text} matches no scan of {_shown(dropped)} in {image_root}; {key} values present: {values}")
     if report.filtered and not any_kept:
+        report.emptied.append(f"{image_root} ({', '.join(report.filtered)})")
         report.note(
             f"nothing in {image_root} matches {', '.join(report.filtered)}: 0 scans indexed; values present: "
             + "; ".join(f"{k}: {', '.join(sorted(v)) or 'none'}" for k, v in present.items() if v)

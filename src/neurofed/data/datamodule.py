@@ -67,7 +67,8 @@ class BrainMRIDataModule(L.LightningDataModule):
         resident_max_fraction: Largest share of free device memory resident scans may take.
         registration: ``none`` (scans already registered to MNI152 and brain-extracted, the input contract)
             or ``affine``: register each scan to the MNI152 template and apply its brain mask before the
-            rest of the preprocessing (:mod:`neurofed.data.registration`; about 4 s per scan, once, cached).
+            rest of the preprocessing (:mod:`neurofed.data.registration`; 6–8 s of one CPU core per 1 mm scan,
+            once: the result is cached).
         qc: Compare every scan with the MNI152 template (orientation, coverage, skull, similarity;
             :mod:`neurofed.data.qc`) and count the scans outside the input contract in the validation
             report; ``strict`` refuses them. Off by default so that existing ``strict`` runs on other

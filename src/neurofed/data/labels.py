@@ -28,3 +28,19 @@ def axis_label(label: str, prefix: str = "") -> str:
 def sidecar_units(label: str) -> str | None:
     """The ``Units`` of a BIDS data dictionary entry, or None when unknown."""
     return LABELS.get(label, (label, "", ""))[2] or None
+
+
+def loss_axis(loss: str | None, label: str, what: str = "loss") -> str:
+    """``"validation loss (L1, years)"``: a loss curve's axis, with its unit when the loss has one.
+
+    Args:
+        loss: ``"l1"`` (in the label's unit), ``"kl"`` (soft-label KL, no unit) or ``None`` (unknown).
+        label: The label column.
+        what: The quantity, e.g. ``"validation loss"``.
+    """
+    if loss == "l1":
+        unit = LABELS.get(label, (label, "", ""))[1]
+        return f"{what} (L1, {unit})" if unit else f"{what} (L1)"
+    if loss == "kl":
+        return f"{what} (soft-label KL)"
+    return what

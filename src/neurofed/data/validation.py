@@ -65,6 +65,8 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     #: ``"acq=mprage"`` -> subjects that have scans, none of which this filter matches.
     filtered: dict[str, list[str]] = field(default_factory=dict)
+    #: Datasets in which the filters matched no scan at all (an error under ``strict``).
+    emptied: list[str] = field(default_factory=list)
 
     def add(
         self, kind: str, path: str | Path, message: str, hint: str = "", reason: str = ""
@@ -109,6 +111,7 @@ class ValidationReport:
         self.notes.extend(other.notes)
         for text, subjects in other.filtered.items():
             self.filtered.setdefault(text, []).extend(subjects)
+        self.emptied.extend(other.emptied)
         return self
 
     @property
@@ -117,15 +120,19 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return len(self) == 0
+        """No issue, and no dataset that the filters emptied."""
+        return len(self) == 0 and not self.emptied
 
     def summary(self, max_per_kind: int = 5) -> str:
-        """Readable text: a count per kind, the first few issues of each, then notes."""
-        if self.ok:
-            lines = ["data validation: no issues"]
-        else:
-            counts = ", ".join(f"{k}={n}" for k, n in self.counts.items() if n)
-            lines = [f"data validation: {len(self)} issue(s): {counts}"]
+        """Readable text: a count per kind and what the filters left out, the first few issues of each, notes."""
+        head = "no issues" if len(self) == 0 else "{} issue(s): {}".format(
+            len(self), ", ".join(f"{k}={n}" for k, n in self.counts.items() if n))
+        if self.emptied:
+            head += f"; the filters match no scan at all in {', '.join(self.emptied)}"
+        elif self.filtered:
+            head += f"; the filters left out {sum(map(len, self.filtered.values()))} subject(s) (notes below)"
+        lines = [f"data validation: {head}"]
+        if len(self):
             for kind in ISSUE_KINDS:
                 items = self.issues[kind]
                 for issue in items[:max_per_kind]:
@@ -138,7 +145,6 @@ class ValidationReport:
     def raise_if_issues(self) -> None:
         """Raise :class:`NeurofedDataError` listing every issue (used by ``strict=True``)."""
         if not self.ok:
-            raise NeurofedDataError(
-                self.summary(max_per_kind=50)
-                + "\nstrict mode: fix or remove these files, or pass strict=False to skip them."
-            )
+            fix = ("change the filters (the notes list the values present)" if self.emptied and not len(self)
+                   else "fix or remove these files, or pass strict=False to skip them")
+            raise NeurofedDataError(self.summary(max_per_kind=50) + f"\nstrict mode: {fix}.")

@@ -11,7 +11,9 @@ then resumes from the newest round every site has committed.
 
 A crash at any point leaves the last committed round intact; leftovers (temporary files, a half-written
 round folder) are removed at the next start. A full disk becomes one :class:`FederationStorageError`
-naming the folder and the space the round needs.
+naming the folder and the space the round needs, whether the write failed in Python (``OSError(ENOSPC)``) or
+inside ``torch.save``, which reports it as a ``RuntimeError`` from its zip writer with the ``OSError`` as its
+context.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from neurofed.atomic import atomic_save, atomic_write, atomic_write_text
 from neurofed.federated.checkpoint_io import CheckpointError, load
 from neurofed.federated.errors import FederationStorageError
 
-__all__ = ["BEST_FILE", "COMMITTED_FILE", "clean_orphans", "commit_round", "committed_rounds", "load_round",
+__all__ = ["BEST_FILE", "COMMITTED_FILE", "clean_orphans", "commit_round", "committed_rounds", "disk_full", "load_round",
            "forget_rounds", "publish_best", "round_dir", "site_dir"]
 
 COMMITTED_FILE = "committed"
@@ -77,6 +79,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def disk_full(error: BaseException) -> bool:
+    """True when ``error`` or an exception it was raised from is "no space left" (or "quota exceeded").
+
+    ``torch.save`` turns the ``OSError`` of a full disk into ``RuntimeError: [enforce fail at
+    inline_container.cc] ...``, keeping the ``OSError`` as ``__context__``; so the whole chain is searched.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.is_dir() else 0.0
 
@@ -96,8 +113,8 @@ def commit_round(run_dir: str | Path, site_rank: int, round: int, shared: dict[s
             atomic_save(best, folder / BEST_FILE)
         _fsync_dir(folder)
         atomic_write_text(site_dir(run_dir, site_rank) / COMMITTED_FILE, f"{round}\n")  # the commit
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
             raise
         shutil.rmtree(folder, ignore_errors=True)
         needed = _size_mb(round_dir(run_dir, site_rank, previous[0])) if previous else 0.0
@@ -107,7 +124,15 @@ def commit_round(run_dir: str | Path, site_rank: int, round: int, shared: dict[s
             f"{max(needed, 0.1):.1f} MB); {kept}. Free space there and resume with --ckpt_path last"
         ) from e
     if best is not None:
-        publish_best(run_dir, site_rank, folder / BEST_FILE)
+        try:
+            publish_best(run_dir, site_rank, folder / BEST_FILE)
+        except (OSError, RuntimeError) as e:
+            if not disk_full(e):
+                raise
+            raise FederationStorageError(
+                f"no space left in {site_dir(run_dir, site_rank)} to publish {BEST_FILE} of round {round}; round "
+                f"{round} is committed (its {BEST_FILE} is in {folder}). Free space there and resume with --ckpt_path last"
+            ) from e
     keep = {round, previous[0]} if previous else {round}
     for r in _held_rounds(run_dir, site_rank):
         if r not in keep:

@@ -6,6 +6,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from neurofed.federated.errors import FederationConfigError
 
@@ -22,8 +23,8 @@ def is_loopback(host: str) -> bool:
 #: Environment variable holding the federation secret when no ``secret_file`` is set.
 SECRET_ENV = "NEUROFED_FEDERATION_SECRET"
 
-#: A secret shorter than this is refused: HMAC-SHA256 is only as strong as its key.
-MIN_SECRET_BYTES = 16
+#: A secret shorter than this is refused (``openssl rand -hex 32`` gives 64 characters, 32 random bytes).
+MIN_SECRET_BYTES = 32
 
 
 @dataclass
@@ -38,17 +39,24 @@ class Federation:
         timeout_s: Seconds to wait for the other sites before failing with a clear error (at least 1).
         bind_address: Local address the rendezvous (site 0) and this site's gloo connections listen on;
             default: ``address`` at site 0, so loopback stays loopback.
-        secret_file: File holding the federation secret (at least 16 bytes; e.g. ``openssl rand -hex 32``).
-            Without it the secret is read from ``$NEUROFED_FEDERATION_SECRET``. The secret itself is never
-            logged, saved or sent; every site proves it knows it before anything else is exchanged.
-        insecure: Allow a federation without a secret on a non-loopback address (a warning at every site).
+        key_file: This site's Ed25519 private key (``neurofed federation keygen``; mode 600). Every message
+            of the handshake and every round check is signed with it.
+        roster_file: The federation's roster, one ``RANK NAME ed25519 PUBLIC_KEY`` line per seat
+            (``neurofed federation roster``), the same file at every site, distributed out of band.
+        secret_file: File holding the federation secret (at least 32 bytes, e.g. ``openssl rand -hex 32``;
+            mode 600). Without it the secret is read from ``$NEUROFED_FEDERATION_SECRET``. It keeps outsiders
+            out of the rendezvous store (every value in it is authenticated under the secret), and is never
+            logged, saved or sent.
+        insecure: Allow a federation without authentication (secret, key and roster) that is reachable
+            from other machines (a warning at every site).
         max_update_norm: Leave out of a round any site whose update (parameters minus the round's global
-            ones) has a larger L2 norm; ``None``: no absolute bound.
+            ones) has a larger L2 norm; ``None``: no absolute bound. This and the other screening settings
+            below do not apply under secure aggregation, where no site's numbers cross in the clear.
         update_norm_factor: With at least three sites, also leave out a site whose update norm exceeds this
             multiple of the median norm of the round's sites.
         min_update_cosine: With at least three sites, also leave out a site whose weight update has a lower
             cosine to the other sites' updates (a flipped or unrelated direction); ``None``: no direction check.
-            Not applied under secure aggregation or DP-FedAvg, which hide single sites' updates.
+            Not applied under DP-FedAvg either, which hides single sites' updates.
         max_variance_ratio: Leave out a site that sends a BatchNorm running variance more than this multiple
             of the global one, or less than its inverse; ``None``: only variances at or below zero are refused.
             The defaults of ``update_norm_factor``, ``min_update_cosine`` and ``max_variance_ratio`` are the
@@ -65,6 +73,8 @@ class Federation:
     num_sites: int = 1
     timeout_s: float = 300.0
     bind_address: str | None = None
+    key_file: str | None = None
+    roster_file: str | None = None
     secret_file: str | None = None
     insecure: bool = False
     max_update_norm: float | None = None
@@ -100,21 +110,31 @@ class Federation:
         if self.secret_file is not None and not Path(self.secret_file).is_file():
             raise FederationConfigError(
                 f"Federation: secret_file {self.secret_file} does not exist; create it on every site with the "
-                f"same content (e.g. `openssl rand -hex 32 > {self.secret_file}`)"
+                f"same content (e.g. `neurofed federation secret --out {self.secret_file}`)"
+            )
+        if (self.key_file is None) != (self.roster_file is None):
+            raise FederationConfigError(
+                "Federation: key_file and roster_file go together (this site's key, and every site's public key); "
+                f"got key_file={self.key_file!r}, roster_file={self.roster_file!r}"
             )
 
     @property
     def on_loopback(self) -> bool:
-        """True when every site is on this machine (a simulation): the address is a loopback address."""
-        return is_loopback(self.address)
+        """True when every site is on this machine (a simulation): the address and the address this site
+        listens on are loopback addresses. ``bind_address 0.0.0.0`` exposes a loopback address: not loopback."""
+        return is_loopback(self.address) and (self.bind_address is None or is_loopback(self.bind_address))
 
     def load_secret(self) -> bytes | None:
         """The secret's bytes (``secret_file``, else ``$NEUROFED_FEDERATION_SECRET``), or ``None`` if neither.
 
         Kept out of every dataclass field on purpose, so the secret never reaches a saved config, a
-        checkpoint's hyperparameters or a logger.
+        checkpoint's hyperparameters or a logger. A file readable by others, or a secret under 32 bytes, is
+        refused in one line.
         """
+        from neurofed.federated.identity import refuse_loose_permissions
+
         if self.secret_file is not None:
+            refuse_loose_permissions(Path(self.secret_file), "secret_file")
             secret = Path(self.secret_file).read_bytes().strip()
             where = f"secret_file {self.secret_file}"
         elif os.environ.get(SECRET_ENV):
@@ -124,18 +144,42 @@ class Federation:
             return None
         if len(secret) < MIN_SECRET_BYTES:
             raise FederationConfigError(
-                f"Federation: the secret in {where} has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
-                "(e.g. `openssl rand -hex 32`)"
+                f"Federation: the secret in {where} has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} random "
+                "bytes (`neurofed federation secret --out FILE`, or `openssl rand -hex 32`)"
             )
         return secret
 
+    def load_identity(self) -> tuple[Any, Any]:
+        """(this site's :class:`~neurofed.federated.identity.SiteIdentity`, the roster) from ``key_file`` and
+        ``roster_file``; a throw-away key and no roster when they are not set."""
+        from neurofed.federated.identity import Roster, SiteIdentity
+
+        if self.key_file is None:
+            return SiteIdentity.ephemeral(), None
+        roster = Roster.load(self.roster_file)
+        if len(roster) != self.num_sites:
+            raise FederationConfigError(f"Federation: roster_file {self.roster_file} lists {len(roster)} sites but "
+                                        f"num_sites is {self.num_sites}; give every site the same roster")
+        return SiteIdentity.load(self.key_file), roster
+
     def require_secret_or_loopback(self) -> bytes | None:
-        """The secret, or ``None`` where running without one is allowed (one site, loopback, ``insecure``)."""
+        """The secret, or ``None`` where running without one is allowed (one site, loopback, ``insecure``).
+
+        A federation reachable from other machines needs all three: the secret (rendezvous), and this site's
+        key and the roster (identity); ``insecure: true`` runs without, with a warning at every site.
+        """
         secret = self.load_secret()
-        if secret is None and self.num_sites > 1 and not self.on_loopback and not self.insecure:
-            raise FederationConfigError(
-                f"Federation: no federation secret for a federation at {self.address}; set "
-                f"--trainer.federation.secret_file (or ${SECRET_ENV}) at every site, or --trainer.federation."
-                "insecure true to run unauthenticated"
-            )
+        if self.num_sites > 1 and not self.on_loopback and not self.insecure:
+            missing = [name for name, value in (("secret_file (or $" + SECRET_ENV + ")", secret),
+                                                ("key_file", self.key_file), ("roster_file", self.roster_file))
+                       if value is None]
+            if missing:
+                exposed = (f"listens on {self.bind_address}" if self.bind_address and not is_loopback(self.bind_address)
+                           else f"is at {self.address}")
+                raise FederationConfigError(
+                    f"Federation: the federation {exposed}, reachable from other machines, but {', '.join(missing)} "
+                    "is not set; set --trainer.federation.secret_file, key_file and roster_file at every site "
+                    "(`neurofed federation keygen / roster / secret`), or --trainer.federation.insecure true to "
+                    "run unauthenticated"
+                )
         return secret

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from neurofed.federated.batches import after_transfer
+from neurofed.federated.integrity import round_digest
 from neurofed.federated.results import metrics_file, write_json
-from neurofed.federated.wire import decode_site_name, encode_site_name
+from neurofed.federated.wire import bytes_tensor, decode_site_name, encode_site_name
 from neurofed.metrics import SplitStats, format_table
 
 if TYPE_CHECKING:
@@ -68,10 +69,12 @@ def _call_hook(module: Any, name: str) -> None:
 
 
 def pool_split(link: SiteLink, split: SplitStats) -> SplitStats:
-    """The sum over sites of a split every site holds (validation during a round)."""
-    loss = torch.cat([link.all_reduce(split.loss[0:1], "loss_sum"), link.all_reduce(split.loss[1:2], "example_count")])
-    model = link.all_reduce(split.model, "metric_stats")
-    baseline = link.all_reduce(split.baseline, "metric_stats") if split.baseline is not None else None
+    """The sum over sites of a split every site holds (validation during a round); masked under secure
+    aggregation (:meth:`SiteLink.sum_statistics`)."""
+    loss = torch.cat([link.sum_statistics(split.loss[0:1], "loss_sum"),
+                      link.sum_statistics(split.loss[1:2], "example_count")])
+    model = link.sum_statistics(split.model, "metric_stats")
+    baseline = link.sum_statistics(split.baseline, "metric_stats") if split.baseline is not None else None
     return SplitStats(loss, model, baseline)
 
 
@@ -94,12 +97,20 @@ def federation_table(
 ) -> dict[str, dict[str, float]]:
     """Per-site (per-split) rows and the pooled row, identical at every site.
 
-    Sites may hold different numbers of splits (a pooled centralized site evaluates each root apart): they
-    agree on the counts first, then gather one split at a time, zeros where a site has fewer, so every
+    Under secure aggregation the table holds this site's own rows and the pooled row only: the pooled row is
+    one masked sum, and no other site's row crosses. Otherwise sites may hold different numbers of splits (a
+    pooled centralized site evaluates each root apart): they agree on the counts first, then gather one split at a time, zeros where a site has fewer, so every
     payload stays a handful of numbers. This site's rows are named ``local_names``; another site's rows
     are named after its dataset name (``name/j`` when it holds several splits).
     """
     site_rank = link.federation.site_rank
+    if link.masking is not None:  # secure aggregation: no site's own row crosses, only the masked pooled sum
+        rows = {name: split.compute() for name, split in zip(local_names, splits)}
+        total = SplitStats.from_row(None, with_baseline)
+        for split in splits:
+            total = total + split
+        rows["pooled"] = pool_split(link, total).compute()
+        return rows
     counts = [int(t.item()) for t in link.all_gather(torch.tensor([len(splits)], dtype=torch.int64), "control")]
     rows: dict[str, dict[str, float]] = {}
     pooled = SplitStats.from_row(None, with_baseline)
@@ -140,6 +151,7 @@ def evaluation_stage(
 ) -> dict[str, dict[str, float]]:
     """``validate()`` / ``test()`` after the model is loaded: the federation's table, printed, saved and logged.
 
+    The pooled row is checked like a round's result (every site holds the same, signed by each seat's key).
     Site 0's leader prints the table and writes ``<stage>_metrics.json`` in the run folder; every site logs
     ``<stage>/<row>/<metric>`` at ``step`` (the last round, so that the logs' steps stay monotonic).
     """
@@ -148,6 +160,9 @@ def evaluation_stage(
     step_name = "test_step" if stage == "test" else "validation_step"
     rows = evaluate_federation(site, [site.setup_eval_loader(loader) for loader in loaders], datamodule, step_name,
                                baseline)
+    # the round check: every site holds the same pooled result, each signed by its own key (integrity.py)
+    pooled = torch.tensor([v for _, v in sorted(rows["pooled"].items())], dtype=torch.float64)
+    site.link.check_round(step, round_digest(step, bytes_tensor(stage.encode()), pooled))
     if site.is_global_leader:
         print(f"\n{stage} ({run_name}, {site.federation.num_sites} site(s))\n{format_table(rows)}", flush=True)
         write_json(site.run_dir / metrics_file(stage), rows)

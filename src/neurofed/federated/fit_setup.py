@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from neurofed.federated.batches import datamodule_loader, num_examples
-from neurofed.federated.dp_sgd import PrivateSite, poisson_loader, steps_per_round
+from neurofed.federated.checkpoint_io import CheckpointError
+from neurofed.federated.dp_sgd import PrivateSite, poisson_loader, scans_per_patient, steps_per_round
 from neurofed.federated.local_training import passes_per_round
 
-__all__ = ["FitLoaders", "account_resumed_privacy", "setup_fit"]
+__all__ = ["FitLoaders", "resume_privacy", "setup_fit"]
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,26 @@ def setup_fit(trainer: Any, model: Any, datamodule: Any, train_dataloaders: Any,
     passes = passes_per_round(train, trainer.local_epochs, trainer.local_steps)
     trainer._private = None
     if trainer.privacy is not None:
-        planned = trainer.rounds * steps_per_round(train, passes, trainer.local_steps)
-        trainer._private = PrivateSite(trainer.privacy, train_dataloaders, planned)
+        rank = trainer.federation.site_rank
+        trained_rounds = sum(rank in trainer.sampled_sites(r) for r in range(trainer.rounds))
+        planned = trained_rounds * steps_per_round(train, passes, trainer.local_steps)
+        trainer._private = PrivateSite(trainer.privacy, train_dataloaders, planned,
+                                       scans_per_patient=scans_per_patient(train_dataloaders.dataset))
     site.setup(model, with_optimizer=True, privacy=trainer._private)
     return FitLoaders(train, site.setup_eval_loader(val_dataloaders), n_train, passes)
 
 
-def account_resumed_privacy(trainer: Any, loaders: FitLoaders) -> None:
-    """Under DP-SGD, count the privacy budget the rounds before the resume already spent at this site."""
-    if trainer._private is None:
+def resume_privacy(trainer: Any, local_record: dict[str, Any], where: str) -> None:
+    """Under DP-SGD, restore the accountant's history from the resumed round's local record, as it was.
+
+    Past steps keep the σ and q they were taken with; a resume with other settings changes only the steps to
+    come. A record of a private run without that history cannot be accounted and is refused.
+    """
+    private = trainer._private
+    if private is None:
         return
-    rank = trainer.federation.site_rank
-    trained = sum(rank in trainer.sampled_sites(r) for r in range(trainer.state.round))
-    trainer._private.account_past_steps(trained * steps_per_round(loaders.train, loaders.passes, trainer.local_steps))
+    state = local_record.get("privacy")
+    if state is None and any("privacy/epsilon" in row for row in trainer.history_before_resume):
+        raise CheckpointError(f"{where} records DP-SGD rounds but not the accountant's history, so the budget they "
+                              "spent cannot be accounted; resume from a round written by this neurofed version")
+    private.resume_from((state or {}).get("history", []))

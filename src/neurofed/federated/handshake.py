@@ -1,21 +1,30 @@
 """The handshake that opens every federation: membership first, then agreement, then the resume round.
 
-1. **Membership** (mutual challenge–response). Each site sends a fresh 32-byte nonce and the address it
-   claims; then, for every other site ``j``, ``HMAC-SHA256(secret, "auth" | me | j | nonce_j | nonce_me)``;
-   then its verdict on every other site's tags, checked with ``hmac.compare_digest``. A process without the
-   secret learns nothing but nonces, tags and verdicts, and every real site names the seat that failed.
-   Nothing else — no weight, no label statistic, no site name — is sent before this step passes.
-2. **Agreement.** Each site sends a digest of every field of its fingerprint (neurofed version, model class,
-   the aggregated parameters' names, shapes and dtypes, strategy and hyperparameters, rounds, local epochs
-   or steps, seed, sampling rule, number of sites, precision, screening, whether it resumes). Where digests
-   differ, the field's values are exchanged, so every site fails naming the field and each site's value —
-   before any collective whose size depends on them could abort gloo.
-3. **Resume.** Each site sends the newest round it has committed and the one before it that it still
-   holds; the federation resumes from the newest round every site has committed. When some sites committed
-   round 1 and others nothing (a stop between the sites' first commits), every site starts round 1 again.
+Every site holds its own Ed25519 key (:mod:`~neurofed.federated.identity`); with a roster, seat ``k``'s
+key is the roster's key for ``k``.
 
-Without a secret (a simulation on loopback, or ``insecure``) the same exchange runs with an empty key: it
-still catches sites that disagree, but proves nothing about who they are.
+1. **Membership.** Each site sends a fresh 32-byte nonce, a commitment ``SHA-256(coin)`` to a fresh random
+   coin and its public key; then its signature over everything sent in this step (and the roster's digest).
+   Every site checks every signature against the roster's key for that seat, exchanges its verdicts, and a
+   seat that fails is named with its roster name. Nothing else — no weight, no statistic, no site name — is
+   sent before this step passes, and a signature made in another session (other nonces) never verifies.
+2. **Agreement.** Each site sends a digest of every field of its fingerprint (neurofed version, model, the
+   aggregated parameters, strategy, rounds, seed, sampling, roster, ...). Where digests differ, the field's
+   values are exchanged, so every site fails naming the field and each site's value.
+3. **Resume and coins.** Each site sends the newest round it has committed and the one before it that it
+   still holds, its declared example count (``-1`` under secure aggregation: not revealed) and its coin. The
+   federation resumes from the newest round every site has committed; when some sites committed round 1 and
+   others nothing (a stop between the sites' first commits), every site starts round 1 again.
+4. **Transcript.** Each site signs the hash of every message of steps 1–3, in order, as it received them;
+   every site checks every signature. A relay that changed a byte of any step (a declared count, a committed
+   round, a fingerprint digest) is refused here, naming the seat whose transcript differs. The session is
+   that hash: the round checks and secure-aggregation keys are signed under it.
+
+The coins, checked against their commitments, give a random value that no site chose alone (it committed
+before it saw the others'): secure aggregation draws its random mask partners from it.
+
+``seats`` maps the group's ranks to roster seats, so the same handshake runs again at a round boundary for
+a group of the sites present.
 """
 
 from __future__ import annotations
@@ -23,24 +32,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import socket
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from neurofed.federated.errors import FederationAuthError, FederationMismatchError
+from neurofed.federated.identity import PUBLIC_BYTES, SIGNATURE_BYTES, Roster, SiteIdentity, verify
 from neurofed.federated.wire import bytes_tensor
 
-__all__ = ["HandshakeResult", "handshake", "round_key"]
+__all__ = ["HandshakeResult", "handshake", "signed_exchange"]
 
 NONCE_BYTES = 32
-ADDRESS_BYTES = 32
-TAG_BYTES = 32
+COIN_BYTES = 32
+HELLO_BYTES = NONCE_BYTES + 32 + PUBLIC_BYTES
 #: Fingerprint fields are digested to this many bytes each; the vector has room for ``MAX_FIELDS`` fields.
 FIELD_DIGEST_BYTES = 8
 MAX_FIELDS = 48
 VALUE_BYTES = 120
+_TAIL = struct.Struct("<qqd")  # newest committed round, the one before it, declared example count
 
 
 @dataclass(frozen=True)
@@ -48,102 +57,135 @@ class HandshakeResult:
     """What the sites agreed on.
 
     Attributes:
-        session: Hash of every site's nonce: binds this run's round checks to this handshake.
+        session: Hash of the whole signed transcript: binds this run's round checks and keys to it.
         resume_round: The round every site resumes from (``None`` for a fresh start).
-        declared: Every site's declared training-example count (what its weight may never exceed).
+        declared: Every site's declared training-example count (``-1`` where not revealed).
+        public_keys: Every seat's Ed25519 public key, in group order (roster keys when there is a roster).
+        names: Every seat's roster name (``site<k>`` without a roster).
+        coin: 32 random bytes no single site chose (from the committed coins).
     """
 
     session: bytes
     resume_round: int | None
     declared: list[float]
+    public_keys: list[bytes] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    coin: bytes = b""
 
 
-def _mac(key: bytes, *parts: bytes | int | str) -> bytes:
-    msg = b"|".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
-    return hmac.new(key, msg, hashlib.sha256).digest()
+def _bytes(t: Any) -> bytes:
+    return bytes(t.tolist())
 
 
-def round_key(secret: bytes | None) -> bytes:
-    """The HMAC key of the trust layer (empty without a secret: integrity against accidents only)."""
-    return secret or b""
+def signed_exchange(group: Any, identity: SiteIdentity, keys: list[bytes], message: bytes, what: str,
+                    names: list[str]) -> None:
+    """Every site signs ``message`` (the same bytes at every honest site) and checks every other's signature.
+
+    Verdicts are exchanged too, so a site whose own signature failed elsewhere learns it. Raises
+    :class:`FederationAuthError` naming the seats that failed.
+    """
+    me, n = group.site_rank, group.num_sites
+    signatures = group.all_gather(bytes_tensor(identity.sign(message)), "handshake")
+    failed = [i for i in range(n) if i != me and not verify(keys[i], message, _bytes(signatures[i]))]
+    verdicts = group.all_gather(bytes_tensor(bytes(int(i in failed) for i in range(n))), "handshake")
+    if failed:
+        seats = ", ".join(f"seat {i} ({names[i]})" for i in failed)
+        raise FederationAuthError(
+            f"site {me}: {seats} failed authentication: its signature over {what} does not verify with the "
+            "roster's key for that seat (another party in the seat, a relay that altered the exchange, or a key "
+            "that is not the roster's); the federation stops before anything else is exchanged"
+        )
+    accusers = [k for k, v in enumerate(verdicts) if int(v[me]) > 0]
+    if accusers:
+        raise FederationAuthError(
+            f"site {me}: site(s) {', '.join(map(str, accusers))} could not verify this site's signature over {what}; "
+            "check that this site's key_file is the one the roster lists for its seat"
+        )
 
 
-def _claimed_address() -> bytes:
-    try:
-        return socket.gethostname().encode("ascii", "replace")[:ADDRESS_BYTES]
-    except OSError:
-        return b"?"
-
-
-def handshake(group: Any, secret: bytes | None, fingerprint: dict[str, str], committed: tuple[int, int] | None,
-              declared_examples: float) -> HandshakeResult:
-    """Run the three steps above over ``group`` (site leaders only); raises naming the failing seat or field.
+def handshake(group: Any, identity: SiteIdentity, roster: Roster | None, fingerprint: dict[str, str],
+              committed: tuple[int, int] | None, declared_examples: float | None,
+              seats: list[int] | None = None) -> HandshakeResult:
+    """Run the four steps above over ``group`` (site leaders only); raises naming the failing seat or field.
 
     Args:
         group: The cross-site group (``all_gather`` with payload kinds).
-        secret: The federation secret, or ``None``.
+        identity: This site's key (its roster key, or an ephemeral one without a roster).
+        roster: The federation's roster, or ``None`` (keys are then taken as sent: no identity is proven).
         fingerprint: Field name → value, identical at every site of a consistent federation.
         committed: (newest committed round, the one before it still held) when resuming, else ``None``.
-        declared_examples: This site's number of training examples (0 for evaluation stages).
+        declared_examples: This site's number of training examples, or ``None`` to not reveal it.
+        seats: Roster seat of each group rank (default: the group rank itself).
     """
-    me, n, key = group.site_rank, group.num_sites, round_key(secret)
+    me, n = group.site_rank, group.num_sites
+    seats = list(range(n)) if seats is None else list(seats)
+    names = [roster.name(s) if roster is not None else f"site{s}" for s in seats]
+    roster_digest = roster.digest.encode() if roster is not None else b"no roster"
+    transcript = hashlib.sha256(b"neurofed handshake v2|" + roster_digest + f"|{seats}".encode())
 
-    # 1. Membership: nonces (and claimed addresses), tags, verdicts.
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    hello = group.all_gather(bytes_tensor(nonce + _claimed_address().ljust(ADDRESS_BYTES, b"\0")), "handshake")
-    nonces = [bytes(t[:NONCE_BYTES].tolist()) for t in hello]
-    addresses = ["".join(ch if 32 <= ord(ch) < 127 else "?" for ch in bytes(t[NONCE_BYTES:].tolist()).rstrip(b"\0")
-                         .decode("latin-1")) for t in hello]  # claimed, unauthenticated: printable characters only
-    tags = b"".join(_mac(key, "auth", me, j, nonces[j], nonce) for j in range(n))
-    all_tags = group.all_gather(bytes_tensor(tags), "handshake")
-    failed = [
-        i for i in range(n) if i != me and not hmac.compare_digest(
-            bytes(all_tags[i][me * TAG_BYTES:(me + 1) * TAG_BYTES].tolist()), _mac(key, "auth", i, me, nonce, nonces[i]))
-    ]
-    verdicts = group.all_gather(bytes_tensor(bytes(int(i in failed) for i in range(n))), "handshake")
-    if failed:
-        seats = ", ".join(f"seat {i} (claims to be {addresses[i]!r})" for i in failed)
-        raise FederationAuthError(
-            f"site {me}: {seats} failed authentication: it does not hold this federation's secret; the federation "
-            "stops before anything else is exchanged. Give every site the same secret_file; if that seat is not "
-            "one of your sites, someone else reached the rendezvous port"
-        )
-    accusers = [k for k, v in enumerate(verdicts) if int(v.sum()) > 0]
-    if accusers:
-        raise FederationAuthError(
-            f"site {me}: site(s) {', '.join(map(str, accusers))} could not verify this site's secret; "
-            "give every site the same secret_file"
-        )
-    session = hashlib.sha256(b"".join(nonces)).digest()
+    # 1. Membership: nonce, coin commitment and key; a signature over all of them.
+    nonce, coin = secrets.token_bytes(NONCE_BYTES), secrets.token_bytes(COIN_BYTES)
+    hellos = [_bytes(t) for t in group.all_gather(
+        bytes_tensor(nonce + hashlib.sha256(coin).digest() + identity.public), "handshake")]
+    keys = [h[-PUBLIC_BYTES:] for h in hellos]
+    if roster is not None:
+        keys = [roster.key(s) for s in seats]  # what a seat sent is checked by its signature, never trusted
+    for h in hellos:
+        transcript.update(h)
+    try:
+        signed_exchange(group, identity, keys, transcript.copy().digest(), "the membership step", names)
+    finally:  # the exchange ran to its end, so every other site names this seat too
+        if roster is not None and identity.public != keys[me]:
+            raise FederationAuthError(f"site {me}: this site's key ({identity.source}) is not the one the roster "
+                                      f"({roster.source}) lists for seat {seats[me]} ({names[me]}); use that seat's "
+                                      "key_file, or fix the roster")
 
     # 2. Agreement on the fingerprint: digests first, values only where they differ.
-    names = sorted(fingerprint)
-    fields = {"fingerprint fields": ",".join(names), **fingerprint}
-    ordered = ["fingerprint fields", *names][:MAX_FIELDS]
+    fingerprint = {**fingerprint, "roster": roster.digest[:16] if roster is not None else "none"}
+    ordered_names = sorted(fingerprint)
+    fields = {"fingerprint fields": ",".join(ordered_names), **fingerprint}
+    ordered = ["fingerprint fields", *ordered_names][:MAX_FIELDS]
     digests = b"".join(hashlib.sha256(str(fields[f]).encode()).digest()[:FIELD_DIGEST_BYTES] for f in ordered)
-    theirs = group.all_gather(bytes_tensor(digests, MAX_FIELDS * FIELD_DIGEST_BYTES), "handshake")
-    rows = [bytes(t.tolist()) for t in theirs]
+    rows = [_bytes(t) for t in group.all_gather(bytes_tensor(digests, MAX_FIELDS * FIELD_DIGEST_BYTES), "handshake")]
     size = FIELD_DIGEST_BYTES
     differing = [i for i in range(len(ordered)) if len({r[i * size:(i + 1) * size] for r in rows}) > 1]
     if differing:
         # Every site sees every digest, so all pick the same field and exchange the same values. When the field
         # lists differ (another neurofed version, say), the other indices are not comparable: report the list.
-        field = ordered[0 if 0 in differing else differing[0]]
-        values = group.all_gather(bytes_tensor(str(fields[field]).encode("utf-8", "replace"), VALUE_BYTES), "handshake")
-        shown = "; ".join(f"site {k}: {bytes(v.tolist()).rstrip(bytes(1)).decode('utf-8', 'replace')}"
+        name = ordered[0 if 0 in differing else differing[0]]
+        values = group.all_gather(bytes_tensor(str(fields[name]).encode("utf-8", "replace"), VALUE_BYTES), "handshake")
+        shown = "; ".join(f"site {k}: {_bytes(v).rstrip(bytes(1)).decode('utf-8', 'replace')}"
                           for k, v in enumerate(values))
         raise FederationMismatchError(
-            f"site {me}: the sites disagree on {field!r} ({shown}); start every site with the same settings "
+            f"site {me}: the sites disagree on {name!r} ({shown}); start every site with the same settings "
             "and the same neurofed version"
         )
+    for r in rows:
+        transcript.update(r)
 
-    # 3. Resume round, and each site's declared example count.
+    # 3. Resume round, declared example count and the coin behind the commitment.
     mine = committed if committed is not None else (-1, -1)
-    held = group.all_gather(torch.tensor([*mine, int(declared_examples)], dtype=torch.int64), "control")
-    declared = [float(t[2]) for t in held]
+    tail = _TAIL.pack(int(mine[0]), int(mine[1]), -1.0 if declared_examples is None else float(declared_examples))
+    tails = [_bytes(t) for t in group.all_gather(bytes_tensor(tail + coin), "handshake")]
+    for t in tails:
+        transcript.update(t)
+
+    # 4. The whole transcript, signed: nothing of steps 1-3 can have been altered on the way.
+    session = transcript.digest()
+    signed_exchange(group, identity, keys, b"transcript|" + session, "the handshake transcript", names)
+    held = [_TAIL.unpack(t[:_TAIL.size]) for t in tails]
+    coins = [t[_TAIL.size:] for t in tails]
+    cheated = [i for i in range(n) if not hmac.compare_digest(hashlib.sha256(coins[i]).digest(),
+                                                              hellos[i][NONCE_BYTES:NONCE_BYTES + 32])]
+    if cheated:
+        raise FederationAuthError(f"site {me}: seat(s) {', '.join(map(str, cheated))} revealed a coin that is not "
+                                  "the one it committed to; the federation stops")
+    coin_all = hashlib.sha256(b"".join(coins)).digest()
+    declared = [float(h[2]) for h in held]
+    result = dict(session=session, declared=declared, public_keys=keys, names=names, coin=coin_all)
     if committed is None:
-        return HandshakeResult(session, None, declared)
-    newest = [int(t[0]) for t in held]
+        return HandshakeResult(resume_round=None, **result)
+    newest = [int(h[0]) for h in held]
     if max(newest) < 0:
         raise FederationMismatchError(
             f"site {me}: nothing to resume: no site has committed a round of this run; start it without --ckpt_path"
@@ -152,15 +194,15 @@ def handshake(group: Any, secret: bytes | None, fingerprint: dict[str, str], com
     if agreed < 0 and max(newest) <= 1:
         # Killed between the sites' commits of round 1: some sites hold it, others nothing. Round 1 is cheap to
         # repeat, so every site starts it again (resume round 0: the fresh start, same seed, same weights).
-        return HandshakeResult(session, 0, declared)
-    lacking = [k for k, t in enumerate(held) if agreed not in (int(t[0]), int(t[1]))]
+        return HandshakeResult(resume_round=0, **result)
+    lacking = [k for k, h in enumerate(held) if agreed not in (int(h[0]), int(h[1]))]
     if lacking or agreed < 0:
-        detail = ", ".join(f"site {k} holds {_rounds_held(int(t[0]), int(t[1]))}" for k, t in enumerate(held))
+        detail = ", ".join(f"site {k} holds {_rounds_held(int(h[0]), int(h[1]))}" for k, h in enumerate(held))
         raise FederationMismatchError(
             f"site {me}: no round is committed at every site ({detail}), so the run cannot be resumed; start it "
             "over at every site with --trainer.overwrite true"
         )
-    return HandshakeResult(session, agreed, declared)
+    return HandshakeResult(resume_round=agreed, **result)
 
 
 def _rounds_held(newest: int, previous: int) -> str:

@@ -1,9 +1,10 @@
-"""The round check: nothing is committed unless every site holds the same result, made by a secret holder.
+"""The round check: nothing is committed unless every site holds the same result, signed by each seat's key.
 
-After aggregation and pooled validation, each site hashes what the round produced (the new global vector
-and the pooled statistics) and sends the hash with ``HMAC(secret, session | round | site | hash)``. Each
-site then checks every MAC (a seat without the secret cannot make one; altered bytes break it) and groups
-the sites by hash: a site whose result differs from the majority's is named. Only then is the round written.
+After aggregation and pooled validation (and after ``validate()`` / ``test()``), each site hashes what the
+round produced (the new global vector and the pooled statistics) and sends the hash with its Ed25519
+signature of ``session | round | site | hash``. Each site checks every signature against that seat's key
+(no other party can make one, not even another member; altered bytes break it) and groups the sites by
+hash: a site whose result differs from the majority's is named. Only then is the round written.
 
 What it cannot see: an alteration that gives every site the same wrong sum (a change inside the reduction
 itself). Transport integrity between sites is the VPN overlay's job (README, "Deployment").
@@ -12,13 +13,13 @@ itself). Transport integrity between sites is the VPN overlay's job (README, "De
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections import Counter
 from typing import Any
 
 from torch import Tensor
 
 from neurofed.federated.errors import FederationIntegrityError
+from neurofed.federated.identity import SiteIdentity, verify
 from neurofed.federated.wire import bytes_tensor
 
 __all__ = ["check_round", "round_digest"]
@@ -32,23 +33,23 @@ def round_digest(round: int, *tensors: Tensor) -> bytes:
     return h.digest()
 
 
-def _mac(key: bytes, session: bytes, round: int, site: int, digest: bytes) -> bytes:
-    return hmac.new(key, b"round|" + session + f"|{round}|{site}|".encode() + digest, hashlib.sha256).digest()
+def _message(session: bytes, round: int, site: int, digest: bytes) -> bytes:
+    return b"round|" + session + f"|{round}|{site}|".encode() + digest
 
 
-def check_round(group: Any, key: bytes, session: bytes, round: int, digest: bytes) -> None:
-    """Exchange (hash, MAC) with every site and raise :class:`FederationIntegrityError` naming any site that
-    did not authenticate or does not hold the majority's result."""
+def check_round(group: Any, identity: SiteIdentity, keys: list[bytes], session: bytes, round: int,
+                digest: bytes) -> None:
+    """Exchange (hash, signature) with every site and raise :class:`FederationIntegrityError` naming any site
+    whose signature does not verify with its key or that does not hold the majority's result."""
     me = group.site_rank
-    sent = bytes_tensor(digest + _mac(key, session, round, me, digest))
+    sent = bytes_tensor(digest + identity.sign(_message(session, round, me, digest)))
     received = [bytes(t.tolist()) for t in group.all_gather(sent, "round_mac")]
-    forged = [k for k, b in enumerate(received)
-              if not hmac.compare_digest(b[32:], _mac(key, session, round, k, b[:32]))]
+    forged = [k for k, b in enumerate(received) if not verify(keys[k], _message(session, round, k, b[:32]), b[32:])]
     if forged:
         raise FederationIntegrityError(
-            f"site {me}, round {round + 1}: the round check of site(s) {', '.join(map(str, forged))} was not made "
-            "with the federation secret (a hijacked seat, or traffic altered on the way); nothing of this round "
-            "was written. Use a VPN overlay between sites and check who holds that seat"
+            f"site {me}, round {round + 1}: the round check of site(s) {', '.join(map(str, forged))} is not signed by "
+            "that seat's key (a hijacked seat, or traffic altered on the way); nothing of this round was written. "
+            "Use a VPN overlay between sites and check who holds that seat"
         )
     counts = Counter(b[:32] for b in received)
     if len(counts) > 1:

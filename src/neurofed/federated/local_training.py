@@ -69,7 +69,8 @@ def train_locally(
     Pass ``i`` of round ``r`` is pass ``r * passes + i`` of the run. Before it, every random generator is
     reseeded from that number (:meth:`Site.reseed`) and the sampler's epoch is set to it, so data order,
     dropout and augmentation depend on it alone: a resumed run repeats an uninterrupted one. Under DP-SGD
-    (``privacy``), a Poisson draw of no example is still a step: the noise alone.
+    (``privacy``), Poisson sampling and noise are reseeded from the operating system's entropy instead, and a
+    draw of no example is still a step: the noise alone.
     """
     fabric, wrapped, optimizer = site.launched(), site.wrapped, site.optimizer
     wrapped.train()
@@ -78,6 +79,8 @@ def train_locally(
     data_wait = 0.0
     for run_pass in range(round * passes, (round + 1) * passes):
         site.reseed(LOCAL_PASS_STREAM, run_pass)
+        if privacy is not None:  # sampling and noise: fresh entropy, never the seed (private_random.py)
+            privacy.fresh_randomness()
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(run_pass)

@@ -17,7 +17,7 @@ from neurofed.federated.commit import site_dir
 
 __all__ = [
     "HISTORY_FILE", "RunExistsError", "SiteRecord", "history_until", "metrics_file", "read_json", "refuse_existing_run",
-    "site_record_dir", "started_run", "write_json", "write_site_results",
+    "site_record_dir", "started_run", "strategy_name", "write_json", "write_site_results",
 ]
 
 HISTORY_FILE = "history.json"
@@ -36,6 +36,11 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
+
+
+def strategy_name(trainer: Any) -> str:
+    """How a run trained, for titles and records: its strategy's class, or "centralized" for one site."""
+    return "centralized" if trainer.federation.num_sites == 1 else type(trainer.strategy).__name__
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -3,9 +3,9 @@
 A site offers its newest committed round and the one before it (sites commit one after another, so a crash
 can leave them one round apart); the handshake picks the newest round every site holds. A resume must
 keep the run's settings (strategy and its hyperparameters, seed, model, screening...): the committed round
-records them, and a changed one is refused before the federation opens. Restoring puts
-back the model, optimizer, strategy state, counters, LR scheduler, history and random state, so the
-resumed run repeats the uninterrupted one bit for bit on CPU.
+records them, and a changed one is refused before the federation opens. Restoring puts back the model,
+optimizer, strategy state, counters, LR scheduler, history, random state and DP-SGD's accountant history, so
+a resumed non-private run repeats the uninterrupted one bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from neurofed.federated import state as ckpt
 from neurofed.federated.checkpoint_io import CheckpointError, load
 from neurofed.federated.commit import ROUND_FILE, committed_rounds, load_round, publish_best, round_dir
+from neurofed.federated.fit_setup import resume_privacy
 
 __all__ = ["RESUMABLE_CHANGES", "committed_for", "refuse_changed_settings", "resume"]
 
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 
 #: Fingerprint fields a resume may change: the number of rounds in all (to extend a run), and whether it resumes.
 RESUMABLE_CHANGES = frozenset({"rounds", "resuming"})
+#: DP-SGD's settings (σ, target ε, ...) may change on resume while the run stays private: the accountant keeps
+#: every past step at the σ and q it was taken with (:func:`~neurofed.federated.fit_setup.resume_privacy`).
+#: Turning DP-SGD on or off is refused like any other change: the budget of a private run must stay accounted.
+PRIVACY_FIELD = "sample-level privacy"
+
+
+def _resumable(field: str, stored: str | None, asked: str | None) -> bool:
+    if field in RESUMABLE_CHANGES:
+        return True
+    return field == PRIVACY_FIELD and stored not in (None, "None") and asked not in (None, "None")
 
 
 def committed_for(run_dir: Path, site_rank: int, ckpt_path: str, num_sites: int = 1) -> tuple[int, int]:
@@ -50,7 +61,8 @@ def refuse_changed_settings(run_dir: Path, site_rank: int, committed: tuple[int,
 
     Every site of a federation may change a setting together (the handshake then sees no disagreement), but
     the resumed rounds would then continue another run than the one they extend: another strategy, its
-    settings, the seed, the model. Only :data:`RESUMABLE_CHANGES` may differ.
+    settings, the seed, the model. Only :data:`RESUMABLE_CHANGES` may differ, and DP-SGD's settings while the
+    run stays private (:data:`PRIVACY_FIELD`); such a change is logged.
     """
     if committed is None or committed[0] < 1:
         return
@@ -59,8 +71,8 @@ def refuse_changed_settings(run_dir: Path, site_rank: int, committed: tuple[int,
     if stored is None:
         log.warning("%s records no settings (written by an older neurofed); resuming without comparing them", path)
         return
-    changed = [f for f in sorted(set(stored) | set(fingerprint))
-               if f not in RESUMABLE_CHANGES and stored.get(f) != fingerprint.get(f)]
+    differing = [f for f in sorted(set(stored) | set(fingerprint)) if stored.get(f) != fingerprint.get(f)]
+    changed = [f for f in differing if not _resumable(f, stored.get(f), fingerprint.get(f))]
     if changed:
         field = changed[0]
         raise CheckpointError(
@@ -69,6 +81,10 @@ def refuse_changed_settings(run_dir: Path, site_rank: int, committed: tuple[int,
             "the same run: resume with its settings (its config-fit.yaml), or start a new run with another "
             "--trainer.run_name (or replace this one with --trainer.overwrite true)"
         )
+    for field in differing:
+        if field != "resuming":
+            log.info("resuming from %s with %s %s (it was %s)", path.parent, field, fingerprint.get(field),
+                     stored.get(field))
 
 
 def resume(trainer: Any, round: int) -> None:
@@ -80,6 +96,7 @@ def resume(trainer: Any, round: int) -> None:
                             trainer.sampling().as_dict(), where=str(folder))
     trainer.state, trainer.global_step = restored.state, restored.global_step
     trainer.history_before_resume = restored.history
+    resume_privacy(trainer, local, str(folder))
     if trainer.plateau is not None and restored.plateau is not None:
         trainer.plateau.load_state_dict(restored.plateau)
     if site.is_leader and (folder / ckpt.BEST_FILE).is_file():  # a crash may have come before publishing it

@@ -26,9 +26,12 @@ The thresholds are the trust layer's settings (:class:`~neurofed.federated.confi
 defaults come from the measured distribution of honest updates (``benchmarks/poisoned_site.py``). Each
 exclusion is logged with the site's name and the reason, and the round goes on with the others.
 
-Under secure aggregation or DP-FedAvg, individual updates must stay hidden: the cosine (whose all_reduce
-would expose partial sums of single sites' directions) is not computed, and only the norms, weights and
-the BatchNorm check remain. The aggregate checks (:mod:`~neurofed.federated.aggregate_checks`) still apply.
+Under secure aggregation nothing individual crosses in the clear, so screening does not run at all (the
+trainer calls it only while no masks are attached): a site's numbers about its own hidden update could not be
+checked by anyone, and the masked sum's range check and the aggregate checks
+(:mod:`~neurofed.federated.aggregate_checks`) take its place. Under DP-FedAvg without masks the cosine is not
+computed (its all_reduce would expose partial sums of single sites' directions); the norms, weights and the
+BatchNorm check remain.
 """
 
 from __future__ import annotations

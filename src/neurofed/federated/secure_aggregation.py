@@ -28,10 +28,12 @@ The masked vectors cross as int64 under the wire kind ``"masked_parameters"``; s
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +43,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import Tensor
 
-__all__ = ["PUBLIC_KEY_BYTES", "FixedPoint", "SiteKeys", "key_exchange", "mask", "modulus_bits", "ring_neighbours"]
+__all__ = ["PUBLIC_KEY_BYTES", "STATISTICS_RANGE", "FixedPoint", "PairwiseMasks", "SiteKeys", "key_exchange", "mask",
+           "mask_partners", "modulus_bits"]
 
 PUBLIC_KEY_BYTES = 32
 _HKDF_INFO = b"neurofed secure aggregation v1"
+#: Range of statistics summed under masks (counts, label, loss and metric sums): a value beyond it is treated
+#: as non-finite, as NaN or inf are (a flag summed beside it makes the pooled value NaN), never wrapped.
+STATISTICS_RANGE = 2.0**44
 
 
 def modulus_bits(num_sites: int) -> int:
@@ -146,12 +152,15 @@ class SiteKeys:
         return f"SiteKeys(public={self.public.hex()[:16]}…)"
 
 
-def ring_neighbours(site_rank: int, num_sites: int, neighbours: int | None) -> set[int]:
-    """The sites this one shares masks with: all others, or the ``neighbours`` nearest on a ring.
+def mask_partners(site_rank: int, num_sites: int, neighbours: int | None, coin: bytes, round: int) -> set[int]:
+    """The sites this one shares masks with in ``round``: all others, or ``neighbours`` random partners.
 
-    With ``neighbours = 2h`` a site pairs with the ``h`` sites on each side (the relation is symmetric, so
-    every mask is still added once and subtracted once). As in SecAgg+ (Bell et al. 2020), masking then
-    costs O(h) instead of O(n) per site; a site's update stays hidden unless all of its neighbours collude.
+    With ``neighbours = 2h`` the sites are placed on a ring in a random order drawn from ``coin`` (a value
+    every site committed to before any saw the others', see the handshake) and the round, and each site pairs
+    with the ``h`` sites on each side — the Harary graph of SecAgg+ (Bell et al. 2020) under a random
+    relabelling. The relation is symmetric, so every mask is still added once and subtracted once; masking
+    costs O(h) instead of O(n), and since nobody chose the order, colluders cannot arrange to be all of a
+    given site's partners (a fixed ring let two neighbours unmask the site between them).
     """
     others = set(range(num_sites)) - {site_rank}
     if neighbours is None or neighbours >= num_sites - 1:
@@ -159,8 +168,10 @@ def ring_neighbours(site_rank: int, num_sites: int, neighbours: int | None) -> s
     if neighbours < 2 or neighbours % 2:
         raise ValueError(f"secure aggregation: neighbours must be an even number >= 2 (h on each side of a ring), "
                          f"or None for every other site; got {neighbours}")
-    h = neighbours // 2
-    return {(site_rank + d) % num_sites for d in range(-h, h + 1) if d} & others
+    seed = int.from_bytes(hashlib.sha256(b"mask partners|" + coin + struct.pack("<q", round)).digest()[:8], "little")
+    order = np.random.default_rng(seed).permutation(num_sites).tolist()
+    at, h = order.index(site_rank), neighbours // 2
+    return {order[(at + d) % num_sites] for d in range(-h, h + 1) if d} & others
 
 
 def key_exchange(keys: SiteKeys, public_keys: Sequence[bytes], site_rank: int,
@@ -222,3 +233,47 @@ def mask(encoded: np.ndarray, shared_keys: dict[int, bytes], site_rank: int, rou
             out -= m
     out &= modulus_mask
     return torch.from_numpy(out.view(np.int64))
+
+
+class PairwiseMasks:
+    """This site's masking for one keying: the shared keys with every other site, the partners per round,
+    and a counter so that no (key, nonce) pair is ever used twice.
+
+    Args:
+        shared_keys: This site's shared key with every other site (:func:`key_exchange`).
+        site_rank, num_sites: This site's place.
+        neighbours: Mask with this many random partners per round (:func:`mask_partners`), ``None``: all.
+        coin: The federation's jointly random value from the handshake.
+    """
+
+    def __init__(self, shared_keys: dict[int, bytes], site_rank: int, num_sites: int, neighbours: int | None,
+                 coin: bytes) -> None:
+        self.shared_keys, self.site_rank, self.num_sites = shared_keys, site_rank, num_sites
+        self.neighbours, self.coin = neighbours, coin
+        self.calls = 0
+        self._statistics = FixedPoint(STATISTICS_RANGE, num_sites)
+
+    def masked(self, encoded: np.ndarray, modulus_mask: np.uint64, round: int) -> Tensor:
+        """``encoded`` plus this round's pairwise masks (a fresh keystream position for every call)."""
+        partners = mask_partners(self.site_rank, self.num_sites, self.neighbours, self.coin, round)
+        keys = {j: k for j, k in self.shared_keys.items() if j in partners}
+        out = mask(encoded, keys, self.site_rank, round, self.calls, modulus_mask)
+        self.calls += 1
+        return out
+
+    def sum_statistics(self, link: Any, t: Tensor, kind: str) -> Tensor:
+        """The sum over sites of a small statistic, crossing masked (wire kind ``"masked_statistics"``).
+
+        Non-finite values, and values beyond :data:`STATISTICS_RANGE`, are sent as 0 with a flag summed beside
+        them: the pooled value is NaN wherever any site's was not a finite number in range, as a plain sum
+        would be, and no site's value can wrap the others'.
+        """
+        v = t.detach().cpu().double().reshape(-1)
+        bad = ~torch.isfinite(v) | (v.abs() > STATISTICS_RANGE)
+        both = torch.cat([torch.where(bad, torch.zeros_like(v), v), bad.double()])
+        total = self._statistics.decode(link.all_reduce(self.masked(self._statistics.encode(both),
+                                                                     self._statistics.modulus_mask, 0),
+                                                        "masked_statistics"))
+        out = total[: v.numel()].clone()
+        out[total[v.numel():] > 0.5] = math.nan
+        return out.to(t.dtype).reshape(t.shape)

@@ -8,8 +8,6 @@ site. Keeping both levels here lets the trainer say *what* is exchanged without 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +17,8 @@ from torch import Tensor
 from neurofed.federated.config import Federation
 from neurofed.federated.errors import FederationAuthError, FederationError
 from neurofed.federated.group import FederationGroup, LocalGroup
-from neurofed.federated.handshake import HandshakeResult, handshake, round_key
+from neurofed.federated.handshake import HandshakeResult, handshake, signed_exchange
+from neurofed.federated.identity import SiteIdentity
 from neurofed.federated.integrity import check_round
 from neurofed.federated.wire import bytes_tensor
 
@@ -48,7 +47,10 @@ class SiteLink:
         # What this site put on the wire since the counter was last reset (the trainer resets it per round).
         self.bytes_sent = 0
         self.opened: HandshakeResult | None = None
-        self._key = b""
+        self.identity: SiteIdentity | None = None  # this site's signing key, once the federation is opened
+        self._secret: bytes | None = None
+        # Secure aggregation's pairwise masks for statistics (set by SecureAggregation.attach), else None.
+        self.masking: Any = None
 
     @property
     def is_site_leader(self) -> bool:
@@ -65,62 +67,62 @@ class SiteLink:
             self.group = (
                 LocalGroup() if fed.num_sites == 1
                 else FederationGroup(fed.address, fed.port, fed.site_rank, fed.num_sites, fed.timeout_s,
-                                     fed.bind_address)
+                                     fed.bind_address, secret=self._secret)
             )
         return self.group
 
     def open(self, fingerprint: dict[str, str], committed: tuple[int, int] | None = None,
-             declared_examples: float = 0.0) -> HandshakeResult:
+             declared_examples: float | None = 0.0) -> HandshakeResult:
         """Join the federation and run the handshake once (membership, agreement, resume round).
 
         Every rank of the site gets the result; a federation of one site has nothing to agree on.
+        ``declared_examples=None`` keeps this site's example count to itself (secure aggregation).
         """
         if self.opened is not None:
             return self.opened
         fed = self.federation
-        secret = fed.require_secret_or_loopback() if fed.num_sites > 1 else None
-        if fed.num_sites > 1 and secret is None:
-            log.warning("site %d: federation without a secret (%s): sites are not authenticated",
+        self._secret = fed.require_secret_or_loopback() if fed.num_sites > 1 else None
+        self.identity, roster = fed.load_identity() if fed.num_sites > 1 else (SiteIdentity.ephemeral(), None)
+        if fed.num_sites > 1 and roster is None:
+            log.warning("site %d: federation without a roster (%s): sites are not authenticated",
                         fed.site_rank, "loopback simulation" if fed.on_loopback else "insecure: true")
         failure: FederationError | None = None
-        result = HandshakeResult(b"", committed[0] if committed else None, [declared_examples])
+        declared = -1.0 if declared_examples is None else declared_examples
+        result = HandshakeResult(b"", committed[0] if committed else None, [declared], [self.identity.public],
+                                 [f"site{fed.site_rank}"])
         if self.is_site_leader and fed.num_sites > 1:
             try:
-                result = handshake(self.connect(), secret, fingerprint, committed, declared_examples)
+                result = handshake(self.connect(), self.identity, roster, fingerprint, committed, declared_examples)
             except FederationError as e:
                 failure = e
                 self.close()  # nothing more will be exchanged; release the group and its heartbeat now
         elif self.is_site_leader:
             self.connect()
         self._site_verdict(failure)
-        declared = result.declared if len(result.declared) == fed.num_sites else [0.0] * fed.num_sites
+        declared_all = result.declared if len(result.declared) == fed.num_sites else [0.0] * fed.num_sites
         shared = self.site_broadcast(torch.tensor(
-            [-1 if result.resume_round is None else result.resume_round, *declared], dtype=torch.float64))
-        result = HandshakeResult(result.session, None if shared[0] < 0 else int(shared[0]), shared[1:].tolist())
-        self._key = round_key(secret)
-        self.opened = result
-        return result
+            [-1 if result.resume_round is None else result.resume_round, *declared_all], dtype=torch.float64))
+        self.opened = HandshakeResult(result.session, None if shared[0] < 0 else int(shared[0]), shared[1:].tolist(),
+                                      result.public_keys, result.names, result.coin)
+        return self.opened
 
     def authenticate_keys(self, round: int, public_keys: list[bytes]) -> None:
-        """Prove this site's secure-aggregation public key under the federation secret and check every site's.
+        """Sign this site's secure-aggregation public key list and check every site's signature over it.
 
-        Each site sends ``HMAC(secret, session | round | site | its key)``; a key substituted on the way, or
-        sent by a seat without the secret, fails here before any mask is derived from it.
+        Each site signs ``session | round | every site's key``, so a key substituted on the way (for any site,
+        at any site), or sent by a party that is not the seat's owner, fails here before any mask is derived.
         """
         me = self.federation.site_rank
-        session = self.opened.session if self.opened is not None else b""
-
-        def tag(k: int) -> bytes:
-            return hmac.new(self._key, b"public-key|" + session + f"|{round}|{k}|".encode() + public_keys[k],
-                            hashlib.sha256).digest()
-
-        tags = self.all_gather(bytes_tensor(tag(me)), "handshake")
-        forged = [k for k, t in enumerate(tags) if not hmac.compare_digest(bytes(t.tolist()), tag(k))]
-        if forged:
+        opened = self.opened
+        message = b"secure-aggregation-keys|" + opened.session + f"|{round}|".encode() + b"".join(public_keys)
+        try:
+            signed_exchange(_LinkGroup(self), self.identity, opened.public_keys, message,
+                            f"the secure-aggregation keys of round {round + 1}", opened.names)
+        except FederationAuthError as e:
             raise FederationAuthError(
-                f"site {me}, round {round + 1}: the secure-aggregation key of site(s) {', '.join(map(str, forged))} "
-                "is not authenticated by the federation secret (a substituted key?); no mask was derived from it"
-            )
+                f"site {me}, round {round + 1}: the secure-aggregation keys are not the ones every site signed "
+                f"(a substituted key?); no mask was derived from them. {e}"
+            ) from e
 
     def set_stage(self, text: str) -> None:
         """What the federation is doing (``"round 3"``), named by the error if a site leaves now."""
@@ -132,7 +134,7 @@ class SiteLink:
         failure: FederationError | None = None
         if self.is_site_leader and self.federation.num_sites > 1:
             try:
-                check_round(self.connect(), self._key, self.opened.session if self.opened else b"", round, digest)
+                check_round(self.connect(), self.identity, self.opened.public_keys, self.opened.session, round, digest)
             except FederationError as e:
                 failure = e
         self._site_verdict(failure)
@@ -154,6 +156,17 @@ class SiteLink:
         else:
             out = torch.empty_like(t, device="cpu")
         return self.site_broadcast(out)
+
+    def sum_statistics(self, t: Tensor, kind: str) -> Tensor:
+        """Sum over sites of a statistic (counts, label statistics, loss and metric sums, control flags).
+
+        Under secure aggregation (:attr:`masking` set by ``SecureAggregation``) it crosses masked like the
+        parameters, so no site and no neighbour in gloo's ring sees another site's value; otherwise it is a plain
+        all_reduce, in which gloo's ring hands a site's first chunk, unsummed, to the next site.
+        """
+        if self.masking is not None:
+            return self.masking.sum_statistics(self, t, kind)
+        return self.all_reduce(t, kind)
 
     def all_gather(self, t: Tensor, kind: str) -> list[Tensor]:
         """Every site's ``t`` (in site order) on every rank of every site."""
@@ -191,3 +204,15 @@ class SiteLink:
         if self.group is not None:
             self.group.close()
             self.group = None
+
+
+class _LinkGroup:
+    """A SiteLink seen as a group (``site_rank``, ``num_sites``, ``all_gather``), for exchanges that every rank
+    of a site takes part in through its leader."""
+
+    def __init__(self, link: SiteLink) -> None:
+        self.link = link
+        self.site_rank, self.num_sites = link.federation.site_rank, link.federation.num_sites
+
+    def all_gather(self, t: Tensor, kind: str) -> list[Tensor]:
+        return self.link.all_gather(t, kind)

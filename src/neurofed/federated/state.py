@@ -75,9 +75,11 @@ class RoundState:
 
 def capture_rng() -> dict[str, Any]:
     """Random number generator states of this process."""
-    state: dict[str, Any] = {
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {  # only tensors, numbers and containers: checkpoints load with weights_only=True
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -88,7 +90,8 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -107,10 +110,11 @@ def shared_record(state: RoundState, global_weights: dict[str, Tensor], strategy
 
 
 def local_record(round: int, model_state: dict[str, Tensor], optimizer_state: dict[str, Any],
-                 global_step: int) -> dict[str, Any]:
-    """The record only this site holds (its whole model, optimizer and random state)."""
+                 global_step: int, privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record only this site holds (its whole model, optimizer and random state, and under DP-SGD the
+    accountant's history of its privacy budget)."""
     return {"round": round, "model": {k: v.detach().cpu() for k, v in model_state.items()},
-            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step}
+            "optimizer": optimizer_state, "rng": capture_rng(), "global_step": global_step, "privacy": privacy}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Why before the first round: an L1 head starts at the label mean (and scale), and a model trained at one site
 must not start from another site's mean; every site gets the same pooled numbers. Only each site's label
-sum, count and sum of squares cross (payload kind ``label_stats``).
+sum, count and sum of squares cross (payload kind ``label_stats``), masked under secure aggregation.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def share_target_stats(link: SiteLink, model: Any, datamodule: Any) -> None:
     if not (hasattr(model, "set_target_mean") and hasattr(datamodule, "train_target_stats")):
         return
     stats = [float(v) for v in datamodule.train_target_stats()]
-    total = link.all_reduce(torch.tensor(stats, dtype=torch.float64), "label_stats").tolist()
+    total = link.sum_statistics(torch.tensor(stats, dtype=torch.float64), "label_stats").tolist()
     if total[1] <= 0:
         raise RuntimeError("no site has labelled training examples; cannot set the target mean")
     if hasattr(model, "set_target_stats"):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
 from neurofed.federated.config import Federation
 from neurofed.federated.dp_sgd import DPSGD, PrivateSite, steps_per_round
 from neurofed.federated.errors import SettingsError
-from neurofed.federated.fit_setup import FitLoaders, account_resumed_privacy, setup_fit
+from neurofed.federated.fit_setup import FitLoaders, setup_fit
 from neurofed.federated.integrity import round_digest
 from neurofed.federated.local_training import LocalTraining, train_locally
 from neurofed.federated.lr_plateau import PlateauLR, learning_rates
@@ -36,7 +37,9 @@ from neurofed.federated.sampling import SiteSampling
 from neurofed.federated.screening import Screened, individual_updates_hidden, screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
+from neurofed.federated.strategies.secure_aggregation import secure_aggregation_of
 from neurofed.federated.target_stats import share_target_stats
+from neurofed.tracking import run_config
 
 __all__ = ["FederatedTrainer"]
 
@@ -155,6 +158,9 @@ class FederatedTrainer:
         self.predictions: list[Any] | None = None
         self.plateau: PlateauLR | None = None
         self.screening: Screened | None = None  # the last round's update screening (every site's statistics)
+        #: The configuration the trainer was built from (``trainer``/``model``/``data`` sections), which the
+        #: loggers record; the ``neurofed`` command sets its resolved one. ``None``: the trainer's own settings.
+        self.config: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -203,15 +209,18 @@ class FederatedTrainer:
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
         refuse_changed_settings(self.run_dir, self.federation.site_rank, committed, opened_fingerprint)
         self._settings = opened_fingerprint
-        opened = site.link.open(opened_fingerprint, committed, self.strategy.site_weight(loaders.n_train))
+        secure = secure_aggregation_of(self.strategy)  # masks statistics too: no count is declared in the clear
+        opened = site.link.open(opened_fingerprint, committed,
+                                None if secure else self.strategy.site_weight(loaders.n_train))
+        if secure is not None:
+            secure.attach(site.link)
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
         self._checks = AggregateChecks(model, keys, self.strategy, self.federation.max_failed_rounds,
                                        self._site_names)
-        for lg in site.loggers:  # what the sites agreed on, and where this site sits
-            lg.log_hyperparams({**opened_fingerprint, "site_rank": self.federation.site_rank, "site_name": site.name,
-                                "devices": str(self.devices), "num_nodes": site.num_nodes, "privacy": repr(self.privacy)})
+        for lg in site.loggers:  # the run's settings, one dotted name each, and where this site sits
+            lg.log_hyperparams(run_config(self, model, site.name))
 
         share_target_stats(site.link, model, datamodule)
         self.state = ckpt.RoundState()
@@ -220,13 +229,15 @@ class FederatedTrainer:
         self.history_before_resume = []
         if committed is not None and opened.resume_round:
             resume(self, opened.resume_round)
-            account_resumed_privacy(self, loaders)
         else:
             if committed is not None and site.is_leader:  # resume round 0: every site starts round 1 again
                 log.info("%s: round 1 is not committed at every site; every site starts it again", site.name)
                 forget_rounds(self.run_dir, self.federation.site_rank)
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
+        if self._private is not None:  # DP-SGD: no round starts that would exceed target_epsilon (resume included)
+            next_round = steps_per_round(loaders.train, loaders.passes, self.local_steps)
+            self.state.stopped |= self._private.federation_budget_spent(site.link, next_round)
         site.call("on_fit_start", trainer=self)
 
         bar = tqdm(total=self.rounds, initial=self.state.round, desc=f"{site.name} rounds", dynamic_ncols=True,
@@ -297,10 +308,13 @@ class FederatedTrainer:
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
         weight, self.screening = strategy.site_weight(n_train) if sampled else 0.0, None
-        if self.federation.num_sites > 1:  # screening: non-finite, extrapolated, outsized or flipped updates: weight 0
-            self.screening = screen_update(link, sent, global_vec, weight, self._declared, r, self._site_names,
-                                           self._checks.layout, directions=not individual_updates_hidden(strategy))
+        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, extrapolated, outsized
+            self.screening = screen_update(  # or flipped updates get weight 0 (directions only where updates may show)
+                link, sent, global_vec, weight, self._declared, r, self._site_names, self._checks.layout,
+                directions=not individual_updates_hidden(strategy))
             sent, weight = self.screening.params, self.screening.weight
+        elif not bool(torch.isfinite(sent).all()):  # masked: no site's statistics cross in clear, and a
+            sent, weight = global_vec, 0.0  # non-finite update is never sent (the aggregate checks still apply)
         offer = Contribution(sent, global_vec, weight)
         self._checks.before_aggregate()
         new_global = strategy.aggregate(offer, Collectives(link, r), context)
@@ -358,7 +372,7 @@ class FederatedTrainer:
                     self.plateau.state_dict() if self.plateau is not None else None,
                     self.history_before_resume + self.history + [metrics], self._settings),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
-                                        self.global_step),
+                                        self.global_step, self._private.state_dict() if self._private else None),
                 best=ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None,
             )
         if improved:
@@ -389,9 +403,14 @@ class FederatedTrainer:
         if ckpt_path is None and stage == "test" and self.best_model_path and Path(self.best_model_path).is_file():
             ckpt_path = self.best_model_path
         loaders = self._stage_model(stage, model, datamodule, ckpt_path, dataloaders)
+        fingerprint = evaluation_fingerprint(model, self.federation.num_sites)
+        secure = secure_aggregation_of(self.strategy)
+        if secure is not None and self.site.link.masking is None:  # statistics cross masked, as in fit
+            self.site.link.open(fingerprint, declared_examples=None)
+            secure.attach(self.site.link)
         return evaluation.evaluation_stage(
             self.site, stage, loaders, datamodule, evaluation.baseline_prediction(model), self.run_name,
-            step=max(self.state.round, 1), fingerprint=evaluation_fingerprint(model, self.federation.num_sites))
+            step=max(self.state.round, 1), fingerprint=fingerprint)
 
     def _stage_model(self, stage: str, model: Any, datamodule: Any, ckpt_path: str | None, loaders: Any) -> Any:
         """Launch, take the stage's loader(s), wrap the model and load ``ckpt_path``; returns the loader(s)."""

@@ -1,12 +1,14 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, update norms and directions, small control tensors, each site's dataset name, the
-handshake and round-check bytes of the trust layer and, under secure aggregation, each site's public key and
-masked parameters. Subject ids, predictions and images never cross; a payload is a numeric tensor, every
-kind except ``"parameters"``, ``"update_direction"`` and ``"masked_parameters"`` is at most 16 numbers, a
-``"site_name"`` or a ``"public_key"`` at most 32 bytes, a ``"round_mac"`` 64 and a ``"handshake"`` message
-4 KiB of bytes, so a per-subject vector cannot slip through under another name.
+sufficient statistics, update screening's numbers and directions, small control tensors, each site's dataset
+name, the handshake and round-check bytes of the trust layer and, under secure aggregation, each site's
+public key and masked parameters and statistics (then no site's own statistics, screening numbers or
+direction cross in the clear). Subject ids, predictions and images never cross; a payload is a numeric
+tensor, every kind except ``"parameters"``, ``"update_direction"`` and ``"masked_parameters"`` is at most 16
+numbers (64 masked statistics), a ``"site_name"`` or a ``"public_key"`` at most 32 bytes, a ``"round_mac"``
+96 and a ``"handshake"`` message 4 KiB of bytes, so a per-subject vector cannot slip through under another
+name.
 """
 
 from __future__ import annotations
@@ -28,19 +30,24 @@ KIND_DOCS: dict[str, str] = {
     "label_stats": "Sum and count of training labels, e.g. for a pooled target mean.",
     "control": "A small integer tensor used for agreed decisions like a stop flag / round number.",
     "site_name": "The site's dataset name as at most 32 ASCII bytes (uint8), so tables are readable; never subject data.",
-    "handshake": "Handshake bytes (uint8): nonces and a claimed address, HMAC tags and verdicts proving the "
-                 "federation secret, then fingerprint digests, mismatching setting values and committed rounds.",
-    "round_mac": "A round's integrity check (64 uint8): the hash of the new global state and pooled statistics, "
-                 "and an HMAC of it under the federation secret.",
+    "handshake": "Handshake bytes (uint8): nonces, coin commitments and Ed25519 public keys, signatures and "
+                 "verdicts, fingerprint digests, mismatching setting values, committed rounds, declared counts "
+                 "and coins; under secure aggregation, each site's signature over its X25519 key.",
+    "round_mac": "A round's integrity check (96 uint8): the hash of the new global state and pooled statistics, "
+                 "and this site's Ed25519 signature of it.",
     "update_norm": "Update screening (float64): the L2 norms of a site's update and of its weights' update, its "
                    "weight, whether it was finite, its cosine to the other sites' updates and the range of its "
-                   "BatchNorm variance ratios; seven numbers per site and round.",
+                   "BatchNorm variance ratios; seven numbers per site and round, never sent under secure "
+                   "aggregation.",
     "update_direction": "Update screening: the unit vector of a site's weight update (float), summed over the sites "
                         "so that each can compare its direction with the others'; never sent under secure "
                         "aggregation or DP-FedAvg.",
     "public_key": "The site's X25519 public key for secure aggregation: 32 uint8 bytes, once per run (never the private key).",
     "masked_parameters": "Fixed-point parameters (or updates) plus pairwise masks, int64 residues mod 2^k: uniform noise "
                          "on its own, only the sum over all sites means anything (secure aggregation).",
+    "masked_statistics": "A statistic (example counts, label, loss or metric sums, a control flag) in fixed point "
+                         "with a non-finite flag per value, plus pairwise masks (int64 residues, at most 64): only the "
+                         "sum over all sites means anything (secure aggregation).",
 }
 
 ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
@@ -48,7 +55,7 @@ ALLOWED_KINDS: frozenset[str] = frozenset(KIND_DOCS)
 MAX_SMALL_ELEMENTS = 16
 SITE_NAME_BYTES = 32
 HANDSHAKE_BYTES = 4096
-ROUND_MAC_BYTES = 64
+ROUND_MAC_BYTES = 96
 PUBLIC_KEY_BYTES = 32
 
 _NUMERIC = {
@@ -80,6 +87,10 @@ def check_payload(kind: str, tensor: object) -> None:
     elif kind == "masked_parameters":
         if tensor.dtype != torch.int64:
             raise FederationPayloadError(f"'masked_parameters' payload must be int64 residues, got {tensor.dtype}")
+    elif kind == "masked_statistics":
+        if tensor.dtype != torch.int64 or tensor.numel() > 4 * MAX_SMALL_ELEMENTS:
+            raise FederationPayloadError(f"'masked_statistics' payload must be at most {4 * MAX_SMALL_ELEMENTS} int64 "
+                                         f"residues, got {tensor.numel()} elements of {tensor.dtype}")
     elif kind == "public_key":
         if tensor.dtype != torch.uint8 or tensor.numel() != PUBLIC_KEY_BYTES:
             raise FederationPayloadError(

@@ -24,6 +24,22 @@ class BrainAgeModule(RegressionModule):
     ``target_mean`` (the mean training age), trained with L1. ``in_channels``, ``channels``, ``dropout`` and
     ``norm`` (``"batch"``, or ``"group"`` for DP-SGD and scanner shift) configure the default SFCN and are ignored when a ``backbone`` is given (it must expose
     ``out_features``; it is not saved as a hyperparameter, so pass it again to ``load_from_checkpoint``).
+
+    Args:
+        backbone: Feature extractor to use instead of the default SFCN (any ``nn.Module`` with
+            ``out_features``, given by class_path and init_args); the SFCN options below are then ignored.
+        in_channels: Input channels of the SFCN: one per modality (set from the data's modalities by the CLI).
+        channels: Output channels of the SFCN's blocks; the last is the feature size. Peng et al.'s SFCN:
+            32, 64, 128, 256, 256, 64; divide them for a CPU (the CPU configs use a quarter).
+        dropout: Dropout before the head.
+        loss: ``"kl"``: soft-label KL over age bins (Peng et al.); ``"l1"``: mean absolute error in years.
+        age_range: Lowest and highest age of the bins (years; ``loss="kl"`` only).
+        bin_width: Width of an age bin in years (``loss="kl"`` only).
+        sigma: Standard deviation of the Gaussian soft label in years (``loss="kl"`` only).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        channels_last: Use the channels_last_3d memory format (faster on GPUs with bf16).
+        norm: ``"batch"`` (BatchNorm, the paper's) or ``"group"`` (GroupNorm: needed by DP-SGD).
     """
 
     def __init__(

@@ -61,6 +61,23 @@ class SDMTModule(RegressionModule):
 
     Reloading a saved SDMTModule rebuilds the architecture from its hyperparameters and then loads all
     weights; if the brain-age checkpoint is no longer at its path, pass ``brain_age_checkpoint=None``.
+
+    Args:
+        brain_age_checkpoint: A BrainAgeModule checkpoint whose backbone starts the model; None trains from
+            scratch.
+        backbone: Feature extractor to use instead of the default SFCN (any ``nn.Module`` with
+            ``out_features``, given by class_path and init_args).
+        transfer: ``"deep"`` (fine-tune every layer), ``"shallow"`` (train the head only) or
+            ``"freeze_until=blockN"`` (freeze SFCN blocks 1..N).
+        backbone_lr_scale: Multiplies the learning rate of the backbone's trainable parameters.
+        in_channels: Input channels of the SFCN (one per modality).
+        channels: Output channels of the SFCN's blocks (must match the brain-age checkpoint's).
+        dropout: Dropout before the head.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        channels_last: Use the channels_last_3d memory format (faster on GPUs with bf16).
+        label: The target column (documentation only).
+        norm: ``"batch"`` or ``"group"`` (GroupNorm: needed by DP-SGD).
     """
 
     def __init__(

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from timeouts import scaled
 from conftest import NO_VALIDATOR, bids_validator
 
 from neurofed.data.synth import generate_site, read_tsv
@@ -62,7 +63,7 @@ def test_synthetic_raw_data_passes_the_bids_validator(ms_site):
     import subprocess
 
     result = subprocess.run([bids_validator(), "--format", "json", str(ms_site)], capture_output=True, text=True,
-                            timeout=120, check=False)
+                            timeout=scaled(120), check=False)
     issues = json.loads(result.stdout)["issues"]["issues"]
     assert [f"{i['code']} {i.get('location')}" for i in issues if i["severity"] == "error"] == []
     # only warnings that do not matter for synthetic data remain (no made-up DwellTime, one author, no HED)

@@ -1,4 +1,7 @@
-"""`neurofed synth`: write several synthetic sites and print what was written."""
+"""`neurofed synth`: write several synthetic sites and print what was written.
+
+The generator is imported when the command runs, not when its options are listed: ``--help`` stays instant.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from neurofed.data.synth.generate import generate_site
 from neurofed.data.synth.site_effect import scaled_profile
 from neurofed.data.synth.sites import COHORTS, DEFAULT_SITES, SITES, get_site
-from neurofed.data.synth.summary import summarize_site
-from neurofed.data.synth.template import load_template
 
 MIN_SITE_SUBJECTS = 6  # fewer cannot be split into train/val/test by subject
 
@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=float, default=2.0, help="voxel size in mm")
     parser.add_argument("--cohort", choices=COHORTS, default=None,
                         help="population; default: each site's own (ixi/sald/camcan healthy, others MS)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the subjects' anatomy, ages and scanner noise: the same seed writes the "
+                             "same sites")
     parser.add_argument("--sessions", type=float, default=0.2,
                         help="fraction of subjects with a second session 1-3 years later")
     parser.add_argument("--sizes", choices=("reference", "equal"), default="reference",
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raw-like scans: skull, scalp and neck, native pose (±15°, ±20 mm), off-centre "
                              "field of view; true transforms in sourcedata/transforms.tsv (for "
                              "registration: affine and the input QC)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bars (shown by default)")
 
 
 def site_sizes(sites: list[str], subjects: int, sizes: str) -> dict[str, int]:
@@ -74,6 +77,10 @@ def format_summary(rows: dict[str, dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from neurofed.data.synth.generate import generate_site
+    from neurofed.data.synth.summary import summarize_site
+    from neurofed.data.synth.template import load_template
+
     try:
         sites = parse_sites(args.sites, args.cohort)
         for site in sites:  # check the scale before anything is written

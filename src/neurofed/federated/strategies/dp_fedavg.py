@@ -13,23 +13,32 @@ is the paper's unweighted mean over the sampled sites:
 
 and the inner rule applies its server step to ``w̄`` (FedAvg: none; FedAvgM: server momentum as in the
 paper). Example-count weights are ignored (a site's count is not private-safe and would raise its
-sensitivity). ε comes from Opacus' RDP accountant with sample rate ``q = m / num_sites`` and one step per
-round; neurofed samples ``sites_per_round`` sites without replacement, while the accountant assumes Poisson
-sampling — the usual approximation, as in the paper. Reported per round as ``privacy/site_epsilon`` and
-``privacy/site_delta``.
+sensitivity).
+
+**Accounting, per site, without amplification.** The paper's ε assumes that who trains in a round is
+secret (amplification by sampling, ``q = m / num_sites``). Here it is not: every site draws the same sample
+from ``(seed, round)``. So each site accounts only the rounds it took part in, each a Gaussian mechanism at
+σ with ``q = 1`` (Opacus' RDP accountant; never stepped with ``q = 0``). The unit is one site's whole
+contribution to a round (its update replaced by zero), with participation public. Reported per round as
+this site's ``privacy/site_epsilon`` and ``privacy/site_delta``; the busiest site has the largest.
+
+**Nesting.** ``SecureAggregation`` must be the outermost wrapper (``StrategyWrapper`` refuses it inside any
+other): ``DPFedAvg(SecureAggregation(...))`` would add no noise. One ``DPFedAvg`` per rule.
+
+**Noise.** Each site draws its share from a generator seeded from ``os.urandom`` every round
+(:mod:`~neurofed.federated.private_random`), never from a value another site knows.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from neurofed.federated.collectives import Collectives
+from neurofed.federated.private_random import private_generator
 from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 from neurofed.federated.strategies.clip_updates import clip_update
 from neurofed.federated.strategies.wrapper import StrategyWrapper
@@ -72,20 +81,19 @@ class DPFedAvg(StrategyWrapper):
         noise_multiplier: σ.
         clip_norm: C, the L2 bound on each site's update.
         delta: δ of the reported (ε, δ).
-        noise_seed: Seed of this site's noise, for reproducible experiments only: anyone who knows it can
-            remove the noise. ``None`` (default) draws it from the operating system's entropy.
     """
 
-    def __init__(self, inner: Strategy, noise_multiplier: float, clip_norm: float, delta: float = 1e-5,
-                 noise_seed: int | None = None) -> None:
+    def __init__(self, inner: Strategy, noise_multiplier: float, clip_norm: float, delta: float = 1e-5) -> None:
         if inner.needs_individual_updates:
             raise ValueError(f"DPFedAvg cannot wrap {inner!r}: it needs individual updates; wrap FedAvg or FedAvgM")
+        if any(isinstance(rule, DPFedAvg) for rule in StrategyWrapper.chain(inner)):
+            raise ValueError(f"DPFedAvg cannot wrap {inner!r}, which already holds a DPFedAvg: the inner one's noise "
+                             "would be accounted twice and the outer one's never added; use one DPFedAvg")
         super().__init__(inner)
         if noise_multiplier < 0 or not clip_norm > 0 or not 0 < delta < 1:
             raise ValueError(f"DPFedAvg: need noise_multiplier >= 0, clip_norm > 0 and 0 < delta < 1; got "
                              f"{noise_multiplier}, {clip_norm}, {delta}")
         self.noise_multiplier, self.clip_norm, self.delta = float(noise_multiplier), float(clip_norm), float(delta)
-        self.noise_seed = noise_seed
         from opacus.accountants import RDPAccountant  # imported here: loading Opacus is slow
 
         self.accountant = RDPAccountant()
@@ -101,18 +109,16 @@ class DPFedAvg(StrategyWrapper):
         return self.inner.client_update(global_params + update, global_params, context)
 
     def _generator(self, context: RoundContext) -> torch.Generator:
-        if self.noise_seed is None:
-            return torch.Generator().manual_seed(secrets.randbits(63))
-        entropy = [self.noise_seed, context.round, context.site_rank]
-        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        """This site's noise generator for one round: fresh entropy, never ``context`` (which every site knows)."""
+        return private_generator()
 
     def aggregate(self, contribution: Contribution, comm: Collectives, context: RoundContext) -> Tensor:
         noisy = _NoisyMean(comm, contribution.global_params, self.noise_multiplier * self.clip_norm,
                            self._generator(context))
         out = self.inner.aggregate(contribution, noisy, context)
-        if self.noise_multiplier > 0:
-            self.accountant.step(noise_multiplier=self.noise_multiplier,
-                                 sample_rate=noisy.sampled / context.num_sites)
+        if self.noise_multiplier > 0 and contribution.weight > 0 and noisy.sampled > 0:
+            # this site took part: one Gaussian mechanism at σ, no amplification (the sample is public)
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0)
         return out
 
     @property
@@ -134,4 +140,9 @@ class DPFedAvg(StrategyWrapper):
         if unknown:
             raise ValueError(f"DPFedAvg.load_state_dict: unexpected keys {sorted(unknown)}")
         self.inner.load_state_dict(state.get("inner", {}))
-        self.accountant.history = [tuple(h) for h in state.get("accountant_history", [])]
+        history = [tuple(h) for h in state.get("accountant_history", [])]
+        if any(q != 1.0 for _, q, _ in history):
+            raise ValueError("DPFedAvg.load_state_dict: this checkpoint accounted DP-FedAvg with amplification by "
+                             "a public site sample (q < 1), which understates ε; its budget cannot be carried over — "
+                             "start the run over")
+        self.accountant.history = history

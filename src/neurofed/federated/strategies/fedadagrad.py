@@ -3,7 +3,9 @@
     v ← v + Δ²
 
 The squared pseudo-gradients accumulate, so the server step shrinks where updates have been large;
-``beta2`` is not used. The rest is :class:`~neurofed.federated.strategies.fedopt.FedOpt`'s.
+``beta2`` is not used. The rest is :class:`~neurofed.federated.strategies.fedopt.FedOpt`'s, first moment
+included (β1 = 0.9 by default, as in the paper). Flower's FedAdagrad fixes β1 = 0; exactly:
+``FedAdagrad(eta=0.1, beta1=0.0, tau=1e-9)``.
 """
 
 from __future__ import annotations

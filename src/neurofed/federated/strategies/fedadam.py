@@ -2,7 +2,8 @@
 
     v ← β2·v + (1−β2)·Δ²
 
-The rest of the update is :class:`~neurofed.federated.strategies.fedopt.FedOpt`'s.
+The rest of the update is :class:`~neurofed.federated.strategies.fedopt.FedOpt`'s. Flower's FedAdam, exactly:
+``FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9, bias_correction="flower")``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,35 @@
 """The FedOpt family (Reddi et al. 2021, Adaptive Federated Optimization): an adaptive optimizer on the server.
 
 The weighted mean of the sites' parameters minus the global ones, ``Δ = mean − global``, is a pseudo-gradient
-(it points downhill). With first and second moments ``m`` and ``v``, starting at 0:
+(it points downhill). With first and second moments ``m`` and ``v``, starting at 0, at server step ``t``
+(1, 2, ...; one step per round, so ``t`` is Flower's ``server_round``):
 
     m ← β1·m + (1−β1)·Δ
     v ← second_moment(v, Δ²)            # Adam, Yogi or Adagrad: see the subclasses
-    global ← global + η · m̂ / (√v̂ + τ)
+    global ← global + η_t · m̂ / (√v̂ + τ)
 
-where ``m̂ = m``, ``v̂ = v`` as in the paper (Algorithm 2), or, with ``bias_correction=True``, Adam's
-``m̂ = m / (1−β1ᵗ)``, ``v̂ = v / (1−β2ᵗ)`` at server step ``t``. Flower's FedAdam and FedYogi apply that
-correction to the step size (``η·√(1−β2ᵗ)/(1−β1ᵗ)``, with τ added to the uncorrected ``√v``): to match
-Flower, set ``bias_correction=True`` and compare with a τ small against ``√v``. Every site applies the
-same update to the same numbers, so the moments stay identical across sites; they are part of the
-round checkpoint.
+``bias_correction`` chooses ``η_t``, ``m̂`` and ``v̂``:
+
+- ``"none"`` (or ``False``, the default): ``η_t = η``, ``m̂ = m``, ``v̂ = v``, as in the paper's Algorithm 2.
+  This is also Flower's FedYogi and FedAdagrad, which correct nothing.
+- ``"adam"`` (or ``True``): Adam's ``m̂ = m / (1−β1ᵗ)``, ``v̂ = v / (1−β2ᵗ)``, ``η_t = η``.
+- ``"flower"``: Flower's FedAdam, which corrects the step size instead (Kingma & Ba's ``α_t``) with the
+  exponent ``t + 1``: ``η_t = η·√(1−β2^(t+1)) / (1−β1^(t+1))``, ``m̂ = m``, ``v̂ = v`` (τ is added to the
+  uncorrected ``√v``).
+
+Flower 1.42's rules, exactly (its defaults; ``tests/federated/test_strategies.py`` checks them against
+Flower's formulas written out): ``FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-9,
+bias_correction="flower")``, ``FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3)`` and ``FedAdagrad(eta=0.1,
+beta1=0.0, tau=1e-9)``: Flower's FedAdagrad fixes β1 = 0 (no momentum), where the paper and neurofed's default
+keep β1 = 0.9. Every site applies the same update to the same numbers, so the moments stay identical across
+sites; they are part of the round checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,7 +37,10 @@ from torch import Tensor
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.strategies.base import Contribution, RoundContext, Strategy
 
-__all__ = ["FedOpt"]
+__all__ = ["BIAS_CORRECTIONS", "FedOpt"]
+
+#: The accepted ``bias_correction`` values (``False``/``True`` stand for ``"none"``/``"adam"``).
+BIAS_CORRECTIONS = ("none", "adam", "flower")
 
 
 class FedOpt(Strategy):
@@ -34,23 +48,28 @@ class FedOpt(Strategy):
 
     Args:
         eta: Server learning rate η.
-        beta1: Decay of the first moment.
+        beta1: Decay of the first moment (0: no momentum, as Flower's FedAdagrad).
         beta2: Decay of the second moment (unused by Adagrad).
         tau: Adaptivity τ, added to √v.
-        bias_correction: Divide the moments by ``1−βᵗ`` as Adam does (off in the paper).
+        bias_correction: ``"none"`` (the paper), ``"adam"`` (Adam's corrected moments) or ``"flower"``
+            (Flower's FedAdam step size); ``False``/``True`` mean ``"none"``/``"adam"``. See the module.
         weighted: Weight sites by their example counts in the mean.
     """
 
     def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 bias_correction: bool = False, weighted: bool = True) -> None:
+                 bias_correction: bool | Literal["none", "adam", "flower"] = False, weighted: bool = True) -> None:
         super().__init__(weighted=weighted)
         if eta <= 0 or tau <= 0 or not (0 <= beta1 < 1) or not (0 <= beta2 < 1):
             raise ValueError(
                 f"{type(self).__name__}: need eta > 0, tau > 0, 0 <= beta1, beta2 < 1; got eta={eta}, "
                 f"beta1={beta1}, beta2={beta2}, tau={tau}"
             )
+        correction = {False: "none", True: "adam"}.get(bias_correction, bias_correction)
+        if correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"{type(self).__name__}: bias_correction must be one of {', '.join(BIAS_CORRECTIONS)} "
+                             f"(or false/true), got {bias_correction!r}")
         self.eta, self.beta1, self.beta2, self.tau = float(eta), float(beta1), float(beta2), float(tau)
-        self.bias_correction = bool(bias_correction)
+        self.bias_correction: str = correction
         self.m: Tensor | None = None
         self.v: Tensor | None = None
         self.step = 0
@@ -83,11 +102,12 @@ class FedOpt(Strategy):
         self.m = self.beta1 * self.m + (1 - self.beta1) * delta
         self.v = self.second_moment(self.v, delta.pow(2))
         self.step += 1
-        m, v = self.m, self.v
-        if self.bias_correction:
-            m = m / (1 - self.beta1**self.step)
-            v = v / (1 - self.beta2**self.step)
-        return global_vec.float() + self.eta * m / (v.sqrt() + self.tau)
+        t, m, v, eta = self.step, self.m, self.v, self.eta
+        if self.bias_correction == "adam":
+            m, v = m / (1 - self.beta1**t), v / (1 - self.beta2**t)
+        elif self.bias_correction == "flower":
+            eta = eta * math.sqrt(1 - self.beta2 ** (t + 1)) / (1 - self.beta1 ** (t + 1))
+        return global_vec.float() + eta * m / (v.sqrt() + self.tau)
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": None if self.m is None else self.m.clone(),

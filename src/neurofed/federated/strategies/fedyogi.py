@@ -4,7 +4,8 @@
 
 ``v`` moves towards ``Δ²`` by an additive step instead of Adam's multiplicative decay, so a rare large
 update cannot make the effective learning rate collapse. The rest is
-:class:`~neurofed.federated.strategies.fedopt.FedOpt`'s.
+:class:`~neurofed.federated.strategies.fedopt.FedOpt`'s. Flower's FedYogi, exactly (it has no bias correction):
+``FedYogi(eta=0.01, beta1=0.9, beta2=0.99, tau=1e-3)``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Flower's lesson: privacy and robustness mechanisms compose best as wrappers around any aggregation rule.
 A wrapper delegates every part of the interface to ``inner`` and overrides only what it changes, so
 ``ClipUpdates(FedAdam())`` keeps FedAdam's server step and its checkpointed moments.
+
+Secure aggregation must be the outermost wrapper: it replaces the collectives its inner rules are handed,
+so anything wrapped around it (DP-FedAvg's noisy mean, say) would be bypassed — refused here in one line.
 """
 
 from __future__ import annotations
@@ -29,8 +32,20 @@ class StrategyWrapper(Strategy):
     def __init__(self, inner: Strategy) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"{type(self).__name__}: inner must be a Strategy such as FedAvg(), got {inner!r}")
+        if any(type(rule).__name__ == "SecureAggregation" for rule in StrategyWrapper.chain(inner)):
+            raise ValueError(f"{type(self).__name__} cannot wrap {inner!r}: SecureAggregation must be the outermost "
+                             "wrapper, or what is wrapped around it is bypassed (DP-FedAvg would add no noise); "
+                             "write SecureAggregation(DPFedAvg(FedAvg(), ...))")
         self.inner = inner
         super().__init__(weighted=inner.weighted)
+
+    @staticmethod
+    def chain(strategy: Strategy) -> list[Strategy]:
+        """``strategy`` and every rule it wraps, outermost first."""
+        rules = [strategy]
+        while isinstance(rules[-1], StrategyWrapper):
+            rules.append(rules[-1].inner)
+        return rules
 
     @property
     def needs_individual_updates(self) -> bool:  # type: ignore[override]
