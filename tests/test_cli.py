@@ -182,6 +182,13 @@ def test_fit_keeps_every_site_record_and_status_reads_it(tmp_path, tiny_bids, ca
     err = capsys.readouterr().err
     assert "brain_age_cpu" in err and "--ckpt_path last" in err and "--trainer.overwrite true" in err
     assert len(err.strip().splitlines()) == 1
+    # Resuming it with another strategy is refused as well, and leaves the run's configuration as it was.
+    configs = {path: path.read_text() for path in (site / "config-fit.yaml", site.parent / "config-fit.yaml")}
+    assert main(["fit", "--config", "configs/brain_age_cpu.yaml", *args, "--ckpt_path", "last", "--trainer.rounds",
+                 "3", "--trainer.strategy", "neurofed.federated.strategies.FedMedian"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with strategy 'FedAvg(weighted=True)', but this resume asks for 'FedMedian()'" in err, err
+    assert len(err.strip().splitlines()) == 1 and all(path.read_text() == text for path, text in configs.items())
 
 
 def test_a_started_run_is_never_replaced_silently(tmp_path, tiny_bids, capsys):

@@ -55,8 +55,8 @@ class RunStatus:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The history row with the lowest pooled validation loss."""
-        rows = [r for r in self.history if _finite(r.get("val/pooled/loss"))]
+        """The committed history row with the lowest pooled validation loss."""
+        rows = [r for r in self.history if _finite(r.get("val/pooled/loss")) and not r.get("rejected")]
         return min(rows, key=lambda r: r["val/pooled/loss"]) if rows else None
 
     def lines(self) -> list[str]:
@@ -70,6 +70,9 @@ class RunStatus:
             last = self.history[-1]
             out.append(f"last round {int(last['round'])}: pooled val loss {_fmt(last.get('val/pooled/loss'))}, "
                        f"MAE {_fmt(last.get('val/pooled/mae'))}, r {_fmt(last.get('val/pooled/r'))}")
+        rejected = [str(int(r["round"])) for r in self.history if r.get("rejected")]
+        if rejected:
+            out.append(f"not committed (the new global model failed its checks): round {', '.join(rejected)}")
         if self.test is not None and "pooled" in self.test:
             pooled = self.test["pooled"]
             out.append(f"test (pooled): MAE {_fmt(pooled.get('mae'))}, r {_fmt(pooled.get('r'))}, n {_fmt(pooled.get('n'))}")

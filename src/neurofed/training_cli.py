@@ -84,9 +84,11 @@ class NeurofedCLI(LightningCLI):
         resolved = self.config[self.subcommand].clone()
         self.trainer.config = {k: v for k, v in resolved.as_dict().items() if k in ("trainer", "model", "data")}
         self.report = WandbReport() if any(map(is_wandb_logger, self.trainer.loggers)) else None
-        if self.subcommand == "fit":
-            self.trainer.site.callbacks += [SiteRecord(), *([self.report] if self.report else [])]
-        self._save_resolved_config()
+        if self.subcommand == "fit":  # the config is saved once the sites agreed: a refused resume leaves it be
+            self.trainer.site.callbacks += [_AtFitStart(self._save_resolved_config), SiteRecord(),
+                                            *([self.report] if self.report else [])]
+        else:
+            self._save_resolved_config()
 
     def _save_resolved_config(self) -> None:
         """Keep the exact configuration beside the run and in each site's folder, so a result can always be
@@ -184,6 +186,16 @@ class NeurofedCLI(LightningCLI):
             record = read_training_record(checkpoint)
         return write_predictions(outputs, datamodule, model, run_name=trainer.run_name, checkpoint=checkpoint,
                                  strategy=strategy_name(trainer), training_record=record)
+
+
+class _AtFitStart:
+    """A round hook that calls ``action`` when the fit starts (after the handshake and any resume)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.action()
 
 
 def _num_channels(data: BrainMRIDataModule) -> int:

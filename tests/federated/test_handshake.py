@@ -107,3 +107,19 @@ def test_resume_from_the_newest_round_every_site_committed():
     assert [r.resume_round for r in out] == [4, 4, 4]
     out = _run(2, [BASE] * 2, committed=[(5, 4), (3, 2)])  # round 3 is gone at site 0
     assert all(isinstance(r, FederationMismatchError) and "no round is committed at every site" in str(r) for r in out)
+
+
+def test_sites_that_committed_different_first_rounds_all_start_round_1_again():
+    # stopped between the sites' commits of round 1: some hold it, others nothing
+    out = _run(3, [BASE] * 3, committed=[(1, -1), (-1, -1), (1, -1)])
+    assert [r.resume_round for r in out] == [0, 0, 0]
+
+
+def test_a_site_without_rounds_the_others_went_past_names_the_one_command_that_starts_over():
+    out = _run(2, [BASE] * 2, committed=[(3, 2), (-1, -1)])
+    for r in out:
+        assert isinstance(r, FederationMismatchError), r
+        assert "site 0 holds rounds 2 and 3, site 1 holds no committed round" in str(r)
+        assert "--trainer.overwrite true" in str(r)
+    out = _run(2, [BASE] * 2, committed=[(-1, -1), (-1, -1)])
+    assert all(isinstance(r, FederationMismatchError) and "nothing to resume" in str(r) for r in out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from federated_toys import ToyRegressor, assert_identical, site_data, state_of
 
-from neurofed.federated import FedAdam, FederatedTrainer, FedProx
+from neurofed.federated import FedAdam, FederatedTrainer, FedMedian, FedProx
 from neurofed.federated.checkpoint_io import CheckpointError, load
 from neurofed.federated.commit import committed_rounds, round_dir
 from neurofed.federated.errors import FederationStorageError
@@ -168,3 +168,41 @@ def test_resume_refuses_mismatched_records_and_a_run_without_rounds(tmp_path):
         _fit(tmp_path, "run", 3, ckpt_path="last")
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _fit(tmp_path, "empty", 3, ckpt_path="last")
+
+
+@pytest.mark.parametrize(("strategy_cls", "field", "old", "new"), [
+    (FedMedian, "strategy", "FedAdam(", "FedMedian()"),
+    (lambda: FedAdam(eta=0.5), "strategy", "eta=0.01", "eta=0.5"),
+])
+def test_a_resume_that_changes_the_strategy_or_its_settings_is_refused(tmp_path, strategy_cls, field, old, new):
+    _fit(tmp_path, "run", 2)  # FedAdam with its defaults
+    with pytest.raises(CheckpointError, match=f"was trained with {field} ") as error:
+        _fit(tmp_path, "run", 4, strategy_cls, ckpt_path="last")
+    assert old in str(error.value) and new in str(error.value) and "--trainer.run_name" in str(error.value)
+    assert committed_rounds(tmp_path / "run", 0) == (2, 1)  # nothing of the refused resume was written
+    _, trainer, _ = _fit(tmp_path, "run", 3, ckpt_path="last")  # more rounds, same settings: a resume
+    assert [h["round"] for h in trainer.history] == [3.0]
+
+
+def test_a_private_run_may_change_its_dp_sgd_settings_on_resume_but_not_stop_being_private(tmp_path):
+    from neurofed.federated.resume import refuse_changed_settings
+
+    run = tmp_path / "run"
+    _fit(tmp_path, "run", 2)
+    committed = committed_rounds(run, 0)
+    stored = load(round_dir(run, 0, committed[0]) / "round.pt")["settings"]
+    private = {**stored, "sample-level privacy": "DPSGD(noise_multiplier=0.8)"}
+    _rewrite_settings(run, committed[0], private)
+    refuse_changed_settings(run, 0, committed, {**private, "sample-level privacy": "DPSGD(noise_multiplier=4.0)"})
+    with pytest.raises(CheckpointError, match="was trained with sample-level privacy 'DPSGD"):
+        refuse_changed_settings(run, 0, committed, {**private, "sample-level privacy": "None"})
+    _rewrite_settings(run, committed[0], stored)
+    with pytest.raises(CheckpointError, match="was trained with sample-level privacy 'None'"):
+        refuse_changed_settings(run, 0, committed, private)
+
+
+def _rewrite_settings(run, round, settings):
+    path = round_dir(run, 0, round) / "round.pt"
+    record = load(path)
+    record["settings"] = settings
+    torch.save(record, path)

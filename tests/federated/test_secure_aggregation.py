@@ -184,7 +184,8 @@ def test_a_fit_under_secure_aggregation_and_dp_fedavg_records_its_wire_and_budge
     assert kinds.count("public_key") == 1 and kinds.count("masked_parameters") == 2
     assert kinds.count("parameters") == 1  # only the starting weights cross in the clear (one broadcast)
     # counts, label statistics, loss and metric sums all cross masked; nothing individual in the clear
-    assert not {"label_stats", "example_count", "loss_sum", "metric_stats", "update_norm"} & set(kinds)
+    assert not {"label_stats", "example_count", "loss_sum", "metric_stats", "update_norm",
+                "update_direction"} & set(kinds)
     assert kinds.count("masked_statistics") == 1 + 2 * 5  # label stats; per round the weight and 4 validation sums
     rows = trainer.history
     assert rows[1]["privacy/site_epsilon"] > rows[0]["privacy/site_epsilon"] > 0

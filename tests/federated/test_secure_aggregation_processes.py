@@ -82,7 +82,9 @@ def test_three_sites_send_nothing_individual_in_the_clear_but_handshake_keys_nam
         assert "error" not in rec, rec.get("error")
         kinds = {kind for kind, _, _, _, _ in rec["wire"]}
         # every statistic crosses masked and summed; nothing plain: no count, label, loss or metric sum, no norm
-        assert not kinds & {"example_count", "label_stats", "loss_sum", "metric_stats", "update_norm", "control"}
+        # or direction of an update
+        assert not kinds & {"example_count", "label_stats", "loss_sum", "metric_stats", "update_norm",
+                            "update_direction", "control"}
         for kind, dtype, shape, op, size in rec["wire"]:
             if op == "sum":
                 assert kind in ("masked_parameters", "masked_statistics") and dtype == "torch.int64", (kind, op)

@@ -283,9 +283,11 @@ def test_fedavgm_without_momentum_is_fedavg_and_round_trips_its_state() -> None:
 
 
 def _trimmed(values: np.ndarray, beta: float) -> np.ndarray:
-    """Independent reference: for each coordinate, drop floor(beta*m) at each end after sorting, average."""
+    """Independent reference: for each coordinate, drop floor(beta*m) at each end after sorting (at least one
+    from three sites when beta > 0), average."""
     m = values.shape[0]
     b = int(np.floor(beta * m))
+    b = max(b, 1) if beta > 0 and m >= 3 else b
     out = np.empty(values.shape[1])
     for i in range(values.shape[1]):
         col = sorted(values[:, i].astype(np.float64).tolist())
@@ -308,6 +310,32 @@ def test_fedtrimmedavg_bounds_an_outlier_site() -> None:
     rounds = [([torch.full((3,), v) for v in (1.0, 1.1, 0.9, 1.05, 1e6)], [1.0] * 5)]
     out = run_rule(lambda: FedTrimmedAvg(beta=0.2), rounds, torch.zeros(3))[0][0]
     torch.testing.assert_close(out, torch.full((3,), (1.0 + 1.05 + 1.1) / 3))
+
+
+def test_fedtrimmedavg_default_trims_one_site_at_each_end_from_three_sites() -> None:
+    assert [FedTrimmedAvg().trimmed(m) for m in range(1, 16)] == [0, 0] + [1] * 7 + [2] * 5 + [3]
+    assert FedTrimmedAvg(beta=0.0).trimmed(4) == 0  # beta 0 asks for the plain mean
+
+
+def _tolerated(rule, m: int) -> int:
+    return (m + 1) // 2 - 1 if isinstance(rule, FedMedian) else rule.trimmed(m) if isinstance(rule, FedTrimmedAvg) else 0
+
+
+@pytest.mark.parametrize("m", [3, 4, 5, 6, 10])
+@pytest.mark.parametrize("make", [FedAvg, FedMedian, FedTrimmedAvg], ids=["fedavg", "fedmedian", "fedtrimmedavg"])
+@pytest.mark.parametrize("value", [1e6, -1e6, float("inf")])
+def test_each_rule_tolerates_exactly_its_documented_number_of_faulty_sites(make, m, value) -> None:
+    # Honest sites send values in [1, 2]; the faulty ones send the same extreme value (the worst case: all on one
+    # side). With the documented number of faulty sites every coordinate stays within the honest range; with
+    # one more, it does not.
+    f = _tolerated(make(), m)
+    honest = np.random.default_rng(m).uniform(1.0, 2.0, size=(m, 4)).astype(np.float32)
+    for faulty, inside in ((f, True), (f + 1, False)):
+        params = [torch.from_numpy(honest[k]) if k < m - faulty else torch.full((4,), value) for k in range(m)]
+        out = run_rule(make, [(params, [10.0 + k for k in range(m)])], torch.zeros(4))[0][0]
+        low, high = honest[: m - faulty].min(0), honest[: m - faulty].max(0)
+        within = bool(np.all((out.numpy() >= low) & (out.numpy() <= high)))
+        assert within == inside, (make.__name__, m, faulty, out)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])

@@ -28,9 +28,10 @@ def _start(target, *args):
     return p
 
 
-def _join(procs) -> None:
+def _join(procs, work_s: float = 60) -> None:
     # every process imports torch and Lightning, then meets the others within its timeout_s and trains a toy
-    deadline = time.monotonic() + scaled(STARTUP_S + 60)
+    # (``work_s`` on an idle machine)
+    deadline = time.monotonic() + scaled(STARTUP_S + work_s)
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))
     for p in procs:

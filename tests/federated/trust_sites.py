@@ -7,6 +7,8 @@ the command line would print it) or its final state; for the outsider and the re
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +34,53 @@ class Poison:
             with torch.no_grad():
                 for p in trainer.site.model.parameters():
                     p.copy_(torch.full_like(p, float("nan")) if self.kind == "nan" else p * 1e6)
+
+
+class AlterUpdate:
+    """Round hook: in the rounds of ``plan`` (0-based round -> (factor, entries)) this site sends
+    ``global + factor × (local − global)`` over ``"all"`` floating-point entries or the ``"weights"`` only."""
+
+    def __init__(self, plan: dict[int, tuple[float, str]]) -> None:
+        self.plan, self.start = plan, {}
+
+    def on_round_start(self, trainer, round):
+        self.start = {k: v.detach().clone() for k, v in trainer.site.model.state_dict().items() if v.is_floating_point()}
+
+    def on_local_train_end(self, trainer, round, result):
+        if round not in self.plan:
+            return
+        factor, entries = self.plan[round]
+        weights = {name for name, _ in trainer.site.model.named_parameters()}
+        with torch.no_grad():
+            for k, v in trainer.site.model.state_dict().items():
+                if k in self.start and (entries == "all" or k in weights):
+                    v.copy_(self.start[k] + factor * (v - self.start[k]))
+
+
+class KillAt:
+    """Round hook: the process dies (SIGKILL, no clean-up) after local training of round ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_local_train_end(self, trainer, round, result):
+        if round == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Observe:
+    """Round hook: the global model each round starts from, and who screening left out (and why)."""
+
+    def __init__(self) -> None:
+        self.starts, self.excluded, self.cosines = [], [], []
+
+    def on_round_start(self, trainer, round):
+        self.starts.append({k: v.detach().clone() for k, v in trainer.site.model.state_dict().items()})
+
+    def on_aggregate_end(self, trainer, round, global_params):
+        screening = trainer.screening
+        self.excluded.append(dict(screening.excluded) if screening is not None else {})
+        self.cosines.append([s.cosine for s in screening.stats] if screening is not None else [])
 
 
 class AlterReceived:
@@ -72,28 +121,40 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
     fed = Federation(port=options.get("port", port), site_rank=rank, num_sites=options.get("num_sites", n),
                      timeout_s=options.get("timeout") or scaled(20), secret_file=secret_file,
                      max_update_norm=options.get("max_update_norm"), key_file=options.get("key_file"),
-                     roster_file=options.get("roster_file"))
+                     roster_file=options.get("roster_file"), **options.get("federation", {}))
     model = ToyRegressor(**options.get("model", {}))
-    callbacks = [Poison(*options["poison"])] if "poison" in options else []
+    observed = Observe()
+    callbacks = [observed] + ([Poison(*options["poison"])] if "poison" in options else [])
+    callbacks += [AlterUpdate(options["alter"])] if "alter" in options else []
+    callbacks += [KillAt(options["kill_at"])] if "kill_at" in options else []
     result: dict = {"rank": rank}
     started = time.monotonic()
     try:
         trainer = FederatedTrainer(rounds=options.get("rounds", 2), accelerator="cpu", logger=False,
                                    enable_progress_bar=False, default_root_dir=out, run_name=f"run{rank}",
                                    callbacks=callbacks, federation=fed, seed=options.get("seed", 0),
-                                   local_epochs=options.get("local_epochs", 1))
+                                   local_epochs=options.get("local_epochs", 1),
+                                   strategy=options.get("strategy", lambda: None)())
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
 
             trainer.group = AlterReceived(FederationGroup("127.0.0.1", port, rank, n, scaled(20), secret=fed.load_secret()),
                                           *options["alter_at"])
-        trainer.fit(model, site_data(rank))
+        if options.get("record_wire"):
+            from neurofed.federated.group import FederationGroup, RecordingGroup
+
+            trainer.group = RecordingGroup(FederationGroup("127.0.0.1", port, rank, n, scaled(20),
+                                                           secret=fed.load_secret()))
+        trainer.fit(model, site_data(rank, **options.get("data", {})), ckpt_path=options.get("ckpt_path"))
         result.update(final=state_of(model), history=trainer.history)
+        if options.get("record_wire"):
+            result["wire"] = [kind for kind, _, _ in trainer.group.sent]
         if options.get("test"):
-            result["test"] = trainer.test(model, site_data(rank))
+            result["test"] = trainer.test(model, site_data(rank, **options.get("data", {})))
         trainer.close()
     except FederationError as e:
         result.update(error=type(e).__name__, message=str(e))
+    result.update(starts=observed.starts, excluded=observed.excluded, cosines=observed.cosines)
     result["seconds"] = time.monotonic() - started
     torch.save(result, Path(out) / f"site{rank}.pt")
 

@@ -51,7 +51,9 @@ def training_fingerprint(trainer: Any, model: Any, keys: list[str], resuming: bo
                     f"min_rounds={trainer.min_rounds}",
         "schedule": f"{trainer.lr_schedule!r}, precise_bn={trainer.precise_bn}, clip={trainer.gradient_clip_val}, "
                     f"ema={trainer.ema_decay}",
-        "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}",
+        "screening": f"max_update_norm={fed.max_update_norm}, update_norm_factor={fed.update_norm_factor}, "
+                     f"min_update_cosine={fed.min_update_cosine}, max_variance_ratio={fed.max_variance_ratio}, "
+                     f"max_failed_rounds={fed.max_failed_rounds}",
         "resuming": str(bool(resuming)),
         "sample-level privacy": repr(getattr(trainer, "privacy", None)),
     }

@@ -50,9 +50,21 @@ class Federation:
         insecure: Allow a federation without authentication (secret, key and roster) that is reachable
             from other machines (a warning at every site).
         max_update_norm: Leave out of a round any site whose update (parameters minus the round's global
-            ones) has a larger L2 norm; ``None``: no absolute bound.
+            ones) has a larger L2 norm; ``None``: no absolute bound. This and the other screening settings
+            below do not apply under secure aggregation, where no site's numbers cross in the clear.
         update_norm_factor: With at least three sites, also leave out a site whose update norm exceeds this
             multiple of the median norm of the round's sites.
+        min_update_cosine: With at least three sites, also leave out a site whose weight update has a lower
+            cosine to the other sites' updates (a flipped or unrelated direction); ``None``: no direction check.
+            Not applied under DP-FedAvg either, which hides single sites' updates.
+        max_variance_ratio: Leave out a site that sends a BatchNorm running variance more than this multiple
+            of the global one, or less than its inverse; ``None``: only variances at or below zero are refused.
+            The defaults of ``update_norm_factor``, ``min_update_cosine`` and ``max_variance_ratio`` are the
+            extremes of honest updates measured by ``benchmarks/poisoned_site.py`` with a margin
+            (``docs/robustness.md``).
+        max_failed_rounds: Stop the run (exit code 2) after this many rounds in a row whose aggregate failed
+            its checks (a non-finite parameter, a BatchNorm variance at or below zero, a non-finite pooled
+            validation loss); such a round is never committed and the sites keep the previous global model.
     """
 
     address: str = "127.0.0.1"
@@ -66,7 +78,10 @@ class Federation:
     secret_file: str | None = None
     insecure: bool = False
     max_update_norm: float | None = None
-    update_norm_factor: float = 10.0
+    update_norm_factor: float = 6.5
+    min_update_cosine: float | None = -0.9
+    max_variance_ratio: float | None = 2.9
+    max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.num_sites < 1 or not 0 <= self.site_rank < self.num_sites:
@@ -82,6 +97,16 @@ class Federation:
             raise FederationConfigError(f"Federation: max_update_norm must be > 0, got {self.max_update_norm}")
         if not self.update_norm_factor > 1:
             raise FederationConfigError(f"Federation: update_norm_factor must be > 1, got {self.update_norm_factor}")
+        if self.min_update_cosine is not None and not -1 <= self.min_update_cosine < 1:
+            raise FederationConfigError(
+                f"Federation: min_update_cosine must be in [-1, 1) or null, got {self.min_update_cosine}"
+            )
+        if self.max_variance_ratio is not None and not self.max_variance_ratio > 1:
+            raise FederationConfigError(
+                f"Federation: max_variance_ratio must be > 1 or null, got {self.max_variance_ratio}"
+            )
+        if self.max_failed_rounds < 1:
+            raise FederationConfigError(f"Federation: max_failed_rounds must be >= 1, got {self.max_failed_rounds}")
         if self.secret_file is not None and not Path(self.secret_file).is_file():
             raise FederationConfigError(
                 f"Federation: secret_file {self.secret_file} does not exist; create it on every site with the "

@@ -9,7 +9,8 @@ from __future__ import annotations
 from neurofed.errors import SettingsError
 
 __all__ = [
-    "SettingsError", "FederationAuthError", "FederationConfigError", "FederationError", "FederationIntegrityError",
+    "SettingsError", "FederationAggregateError", "FederationAuthError",
+    "FederationConfigError", "FederationError", "FederationIntegrityError",
     "FederationMismatchError", "FederationStorageError", "FederationTimeoutError",
 ]
 
@@ -40,3 +41,8 @@ class FederationIntegrityError(FederationError):
 
 class FederationStorageError(FederationError):
     """A round could not be committed to disk (no space left, say); the last committed round is intact."""
+
+
+class FederationAggregateError(FederationError):
+    """Round after round the new global model failed its checks (it could not be evaluated); the run stops with
+    the last committed round intact."""

@@ -9,13 +9,14 @@ left when it can be told.
 
 The rendezvous store (torch's TCPStore) has no access control: anyone who reaches its port can list,
 read, write and delete keys. So it carries only what the group needs — a seat claim, each site's number of
-sites, heartbeats and gloo's own addresses — never a secret, a statistic or a weight; and with a federation
-secret every value is written with an HMAC under it and checked when read (:class:`AuthenticatedStore`),
-under a prefix derived from it. A store outsider can then neither redirect gloo's connections (a moved or
-altered address fails its check) nor hold a seat (a claim without a valid tag is not a claim, and a claim
-whose heartbeat stopped is taken over), although it can still delete keys: denial of service is what the
-VPN overlay or a firewall stops. Site 0's store listens only on ``bind_address`` (default: the configured
-address, so loopback stays loopback), and every site's gloo connections listen on that address too.
+sites, heartbeats, a mark that a site noticed a failure and gloo's own addresses — never a secret, a
+statistic or a weight; and with a federation secret every value is written with an HMAC under it and
+checked when read (:class:`AuthenticatedStore`), under a prefix derived from it. A store outsider can then
+neither redirect gloo's connections (a moved or altered address fails its check) nor hold a seat (a claim
+without a valid tag is not a claim, and a claim whose heartbeat stopped is taken over), although it can
+still delete keys: denial of service is what the VPN overlay or a firewall stops. Site 0's store listens
+only on ``bind_address`` (default: the configured address, so loopback stays loopback), and every site's
+gloo connections listen on that address too.
 
 The store lives in site 0's process, so sites leave in order: each stops its heartbeat and marks itself as
 leaving, and site 0 keeps the store up until every other site has left or stopped beating. A peer then never
@@ -301,7 +302,12 @@ class FederationGroup:
             return  # the store is gone: the federation is ending
 
     def _who_left(self) -> str:
-        """Which sites stopped sending heartbeats (no new one for ``_GONE_AFTER`` periods), as a phrase."""
+        """Which sites stopped sending heartbeats (no new one for ``_GONE_AFTER`` periods), as a phrase.
+
+        A site that notices a failure says so in the store first, so that a site which stops *because* another
+        left is not named as the one that left: survivors stop one after another, and by the time a slower one
+        looks, the faster ones are gone too.
+        """
         if self.site_rank != 0:
             try:
                 probe = self._wrap(dist.TCPStore(self.address, self.port, None, False, timedelta(seconds=3), False))
@@ -309,6 +315,10 @@ class FederationGroup:
                 return "site 0 (the rendezvous host) is unreachable: it left the federation"
         else:
             probe = self._store
+        try:
+            probe.set(f"{self._pre}/noticed/{self.site_rank}", repr(time.time()))
+        except RuntimeError:
+            return "site 0 (the rendezvous host) is unreachable: it left the federation"
         others = [k for k in range(self.num_sites) if k != self.site_rank]
 
         def beats() -> dict[int, str | None]:
@@ -325,12 +335,17 @@ class FederationGroup:
             before = beats()
             time.sleep(_GONE_AFTER * _HEARTBEAT_S * 0.75)
             after = beats()
+            gone = [k for k in others if after[k] is None or after[k] == before[k]]
+            followed = [k for k in gone if probe.valid(f"{self._pre}/noticed/{k}") is not None]
         except RuntimeError:
             return "site 0 (the rendezvous host) is unreachable: it left the federation"
-        gone = [k for k in others if after[k] is None or after[k] == before[k]]
-        if not gone:
-            return "every other site is still alive (a network problem between sites?)"
-        return f"site {', '.join(map(str, gone))} left the federation"
+        left = [k for k in gone if k not in followed]
+        then = f" (then site {', '.join(map(str, followed))} stopped too)" if followed else ""
+        if not left:
+            return (f"no site left first: site {', '.join(map(str, followed))} stopped after noticing a failure, "
+                    "as this one (a network problem between sites?)") if followed else \
+                "every other site is still alive (a network problem between sites?)"
+        return f"site {', '.join(map(str, left))} left the federation{then}"
 
     def _timeout_error(self, what: str, cause: BaseException) -> FederationTimeoutError:
         hint = (

@@ -12,7 +12,9 @@ key is the roster's key for ``k``.
    aggregated parameters, strategy, rounds, seed, sampling, roster, ...). Where digests differ, the field's
    values are exchanged, so every site fails naming the field and each site's value.
 3. **Resume and coins.** Each site sends the newest round it has committed and the one before it that it
-   still holds, its declared example count (``-1`` under secure aggregation: not revealed) and its coin.
+   still holds, its declared example count (``-1`` under secure aggregation: not revealed) and its coin. The
+   federation resumes from the newest round every site has committed; when some sites committed round 1 and
+   others nothing (a stop between the sites' first commits), every site starts round 1 again.
 4. **Transcript.** Each site signs the hash of every message of steps 1–3, in order, as it received them;
    every site checks every signature. A relay that changed a byte of any step (a declared count, a committed
    round, a fingerprint digest) is refused here, naming the seat whose transcript differs. The session is
@@ -183,12 +185,27 @@ def handshake(group: Any, identity: SiteIdentity, roster: Roster | None, fingerp
     result = dict(session=session, declared=declared, public_keys=keys, names=names, coin=coin_all)
     if committed is None:
         return HandshakeResult(resume_round=None, **result)
-    agreed = min(int(h[0]) for h in held)
+    newest = [int(h[0]) for h in held]
+    if max(newest) < 0:
+        raise FederationMismatchError(
+            f"site {me}: nothing to resume: no site has committed a round of this run; start it without --ckpt_path"
+        )
+    agreed = min(newest)
+    if agreed < 0 and max(newest) <= 1:
+        # Killed between the sites' commits of round 1: some sites hold it, others nothing. Round 1 is cheap to
+        # repeat, so every site starts it again (resume round 0: the fresh start, same seed, same weights).
+        return HandshakeResult(resume_round=0, **result)
     lacking = [k for k, h in enumerate(held) if agreed not in (int(h[0]), int(h[1]))]
     if lacking or agreed < 0:
-        detail = ", ".join(f"site {k} holds rounds {int(h[1])} and {int(h[0])}" for k, h in enumerate(held))
+        detail = ", ".join(f"site {k} holds {_rounds_held(int(h[0]), int(h[1]))}" for k, h in enumerate(held))
         raise FederationMismatchError(
-            f"site {me}: no round is committed at every site ({detail}); resume only runs whose sites all "
-            "committed the same round, or start over without --ckpt_path"
+            f"site {me}: no round is committed at every site ({detail}), so the run cannot be resumed; start it "
+            "over at every site with --trainer.overwrite true"
         )
     return HandshakeResult(resume_round=agreed, **result)
+
+
+def _rounds_held(newest: int, previous: int) -> str:
+    if newest < 0:
+        return "no committed round"
+    return f"rounds {previous} and {newest}" if previous >= 0 else f"round {newest}"

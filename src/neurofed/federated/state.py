@@ -4,7 +4,8 @@ A committed round (see :mod:`neurofed.federated.commit`) holds two records, spli
 
 * the shared record: what every site agrees on — the global (aggregated) weights, the strategy's server
   state (FedAdam moments), the counters of :class:`RoundState`, the LR-plateau scheduler's state, the
-  current learning rate, the site-sampling rule and the history rows so far;
+  current learning rate, the site-sampling rule, the history rows so far and the run's settings (its
+  fingerprint, which a resume must match);
 * the local record: what only this site has — its full model ``state_dict`` (with entries that are never
   aggregated, such as FedBN's batch-norm layers), its optimizer state, the random number generator states
   of its leader process (torch, CUDA, numpy, python) and its optimizer step count.
@@ -102,12 +103,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def shared_record(state: RoundState, global_weights: dict[str, Tensor], strategy_state: dict[str, Any],
                   sampling: dict[str, Any], lr: list[float], plateau_state: dict[str, Any] | None,
-                  history: list[dict[str, float]]) -> dict[str, Any]:
-    """The record every site of a round holds identically."""
+                  history: list[dict[str, float]], settings: dict[str, str] | None = None) -> dict[str, Any]:
+    """The record every site of a round holds identically; ``settings``: the run's fingerprint, which a resume
+    must match (:func:`~neurofed.federated.resume.refuse_changed_settings`)."""
     return {
         "round": state.round, "global": {k: v.detach().cpu() for k, v in global_weights.items()},
         "strategy": strategy_state, "trainer": state.to_dict(), "sampling": sampling, "lr": list(lr),
-        "plateau": plateau_state, "history": list(history),
+        "plateau": plateau_state, "history": list(history), "settings": dict(settings or {}),
     }
 
 

@@ -6,6 +6,7 @@ aggregation, local training and evaluation live in their own modules, and callba
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from neurofed.federated import evaluation
 from neurofed.federated import state as ckpt
+from neurofed.federated.aggregate_checks import AggregateChecks
 from neurofed.federated.agreement import evaluation_fingerprint, training_fingerprint
 from neurofed.federated.collectives import Collectives
 from neurofed.federated.commit import clean_orphans, commit_round, forget_rounds
@@ -33,9 +35,9 @@ from neurofed.federated.lr_schedule import RoundSchedule, apply_round_lr
 from neurofed.federated.params import flatten, float_keys, load_vector, unflatten
 from neurofed.federated.precise_bn import batchnorm_statistics_keys, recompute_site_batchnorm
 from neurofed.federated.results import HISTORY_FILE, write_json
-from neurofed.federated.resume import committed_for, resume
+from neurofed.federated.resume import committed_for, refuse_changed_settings, resume
 from neurofed.federated.sampling import SiteSampling
-from neurofed.federated.screening import screen_update
+from neurofed.federated.screening import Screened, individual_updates_hidden, screen_update
 from neurofed.federated.site import Site, build_loggers
 from neurofed.federated.strategies import Contribution, FedAvg, RoundContext, Strategy
 from neurofed.federated.strategies.secure_aggregation import secure_aggregation_of
@@ -190,6 +192,7 @@ class FederatedTrainer:
         self.plateau: PlateauLR | None = None
         self._global_vec: torch.Tensor | None = None  # the aggregated entries every site holds
         self._keys: list[str] = []
+        self.screening: Screened | None = None  # the last round's update screening (every site's statistics)
         #: The configuration the trainer was built from (``trainer``/``model``/``data`` sections), which the
         #: loggers record; the ``neurofed`` command sets its resolved one. ``None``: the trainer's own settings.
         self.config: dict[str, Any] | None = None
@@ -238,7 +241,8 @@ class FederatedTrainer:
             val_dataloaders: DataLoader | None = None, ckpt_path: str | None = None) -> None:
         """Run the rounds; resume from a round checkpoint with ``ckpt_path="last"`` (or its path)."""
         site = self.site
-        committed = committed_for(self.run_dir, self.federation.site_rank, ckpt_path) if ckpt_path is not None else None
+        committed = (committed_for(self.run_dir, self.federation.site_rank, ckpt_path, self.federation.num_sites)
+                     if ckpt_path is not None else None)
         loaders = setup_fit(self, model, datamodule, train_dataloaders, val_dataloaders)
         keys = self.strategy.aggregated_keys(model.state_dict(), model)
         local_statistics = batchnorm_statistics_keys(model)
@@ -252,6 +256,8 @@ class FederatedTrainer:
                 forget_rounds(self.run_dir, self.federation.site_rank)
         # Membership, agreement and the resume round, before anything else crosses (handshake.py).
         opened_fingerprint = training_fingerprint(self, model, keys, committed is not None)
+        refuse_changed_settings(self.run_dir, self.federation.site_rank, committed, opened_fingerprint)
+        self._settings = opened_fingerprint
         secure = secure_aggregation_of(self.strategy)  # masks statistics too: no count is declared in the clear
         opened = site.link.open(opened_fingerprint, committed,
                                 None if secure else self.strategy.site_weight(loaders.n_train))
@@ -260,6 +266,8 @@ class FederatedTrainer:
         self._declared = opened.declared
         several = self.federation.num_sites > 1
         self._site_names = evaluation.gather_site_names(site.link, site.name) if several else [site.name]
+        self._checks = AggregateChecks(model, keys, self.strategy, self.federation.max_failed_rounds,
+                                       self._site_names)
         for lg in site.loggers:  # the run's settings, one dotted name each, and where this site sits
             lg.log_hyperparams(run_config(self, model, site.name))
 
@@ -270,13 +278,17 @@ class FederatedTrainer:
         self.history_before_resume = []
         self._average = None if self.ema_decay is None else WeightAverage(
             self.ema_decay, [k for k in float_keys(model.state_dict()) if not (self.precise_bn and k in local_statistics)])
-        if committed is not None:
+        resumed = committed is not None and bool(opened.resume_round)
+        if resumed:
             resume(self, opened.resume_round)
         else:
+            if committed is not None and site.is_leader:  # resume round 0: every site starts round 1 again
+                log.info("%s: round 1 is not committed at every site; every site starts it again", site.name)
+                forget_rounds(self.run_dir, self.federation.site_rank)
             # One starting point for the federation: site 0's initial weights, whatever each site's seed gave.
             load_vector(model, site.link.broadcast(flatten(model.state_dict(), keys), "parameters"), keys)
         self._global_vec, self._keys = flatten(model.state_dict(), keys), keys  # every site holds it; (1) loads it
-        if self.precise_bn and committed is None:  # statistics of this site's scans from the first round on
+        if self.precise_bn and not resumed:  # statistics of this site's scans from the first round on
             recompute_site_batchnorm(site, loaders.train, datamodule)
         if self._private is not None:  # DP-SGD: no round starts that would exceed target_epsilon (resume included)
             next_round = steps_per_round(loaders.train, loaders.passes, self.local_steps)
@@ -356,18 +368,17 @@ class FederatedTrainer:
         context = RoundContext(round=r, seed=self.seed, site_rank=self.federation.site_rank,
                                num_sites=self.federation.num_sites)
         sent = strategy.client_update(flatten(model.state_dict(), keys), global_vec, context)
-        weight, screened_out = strategy.site_weight(n_train) if sampled else 0.0, 0
-        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, over-claimed or
-            fed = self.federation  # outsized updates get weight 0 (under masks, the sum's range check instead)
-            screened = screen_update(link, sent, global_vec, weight, self._declared, fed.max_update_norm,
-                                     fed.update_norm_factor, r, self._site_names)
-            sent, weight, screened_out = screened.params, screened.weight, len(screened.excluded)
-        elif not bool(torch.isfinite(sent).all()):  # masked: a non-finite update is never sent
-            sent, weight = global_vec, 0.0
-        new_global = strategy.aggregate(Contribution(sent, global_vec, weight), Collectives(link, r), context)
-        if not bool(torch.isfinite(new_global).all()):  # never carry a non-finite global model forward
-            log.error("%s round %d: the aggregate is not finite; keeping the round's starting weights", site.name, r + 1)
-            new_global = global_vec
+        weight, self.screening = strategy.site_weight(n_train) if sampled else 0.0, None
+        if self.federation.num_sites > 1 and link.masking is None:  # screening: non-finite, extrapolated, outsized
+            self.screening = screen_update(  # or flipped updates get weight 0 (directions only where updates may show)
+                link, sent, global_vec, weight, self._declared, r, self._site_names, self._checks.layout,
+                directions=not individual_updates_hidden(strategy))
+            sent, weight = self.screening.params, self.screening.weight
+        elif not bool(torch.isfinite(sent).all()):  # masked: no site's statistics cross in clear, and a
+            sent, weight = global_vec, 0.0  # non-finite update is never sent (the aggregate checks still apply)
+        offer = Contribution(sent, global_vec, weight)
+        self._checks.before_aggregate()
+        new_global = strategy.aggregate(offer, Collectives(link, r), context)
         load_vector(model, new_global, keys)
         self._global_vec = new_global
         site.call("on_aggregate_end", trainer=self, round=r, global_params=new_global)
@@ -376,8 +387,9 @@ class FederatedTrainer:
         # (4) Every site validates the new global model, with BatchNorm statistics of its own training scans
         # (precise_bn.py); pooled metrics from the sites' summed statistics.
         t0 = time.perf_counter()
-        training_weights = None
+        training_weights, average_before = None, None
         if self._average is not None:  # the model evaluated, kept and tested: the average over rounds
+            average_before = copy.deepcopy(self._average.state_dict())  # put back if the round is rejected
             self._average.update(model)
             training_weights = self._average.swap_in(model)
         if self.precise_bn:
@@ -396,11 +408,20 @@ class FederatedTrainer:
 
         # (5) The round check: every site holds the same result, made by holders of the secret (integrity.py).
         link.check_round(r, round_digest(r, new_global, pooled.loss, pooled.model))
+        # Never commit a model that cannot be evaluated (aggregate_checks.py): if the new global model fails a
+        # check, every site puts the round's starting model back and the round is not committed.
+        rejected = self._checks.verify(self, offer, context, new_global, pooled, self.screening, loaders, datamodule)
+        if rejected is not None:  # the round's starting point again: global weights, their average, statistics
+            self._global_vec, training_weights = global_vec, None
+            if self._average is not None:
+                self._average.load_state_dict(average_before)
+            if self.precise_bn:
+                recompute_site_batchnorm(site, train_loader, datamodule)
 
         # (6) Identical decisions everywhere: best model (finite losses only), early stopping, LR on plateau.
-        has_val = pooled.count > 0
-        improved = self.state.record(r, val_loss, has_val, self.patience, self.min_rounds)
-        if self.plateau is not None and has_val and self.plateau.step(val_loss):
+        has_val = pooled.count > 0 or rejected is not None  # a rejected round is a round without improvement
+        improved = self.state.record(r, math.nan if rejected else val_loss, has_val, self.patience, self.min_rounds)
+        if self.plateau is not None and has_val and not rejected and self.plateau.step(val_loss):
             self.state.lr_scale *= self.lr_plateau_factor
             log.info("%s: validation loss on a plateau; learning rate now %s", site.name,
                      learning_rates(site.optimizer))
@@ -409,7 +430,8 @@ class FederatedTrainer:
             self.state.stopped |= self._private.federation_budget_spent(link, next_round)
         metrics |= {
             "train/site/loss": trained.loss, "train/site/volumes": float(trained.volumes),
-            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "screened_out": float(screened_out),
+            "lr": learning_rates(site.optimizer)[0], "sampled": float(sampled), "rejected": float(bool(rejected)),
+            "screened_out": float(len(self.screening.excluded) if self.screening else 0),
             "time/train_s": t_train, "time/data_wait_s": trained.data_wait_s, "time/aggregate_s": t_agg,
             "time/validate_s": t_val, "time/precise_bn_s": t_bn, "bytes_sent": float(link.bytes_sent),
         }
@@ -422,14 +444,14 @@ class FederatedTrainer:
         best = ckpt.lightning_checkpoint(model, epoch=r, global_step=self.global_step) if improved else None
         if training_weights is not None:
             self._average.swap_out(model, training_weights)
-        if site.is_leader:
+        if site.is_leader and not rejected:
             commit_round(
                 self.run_dir, self.federation.site_rank, self.state.round,
                 shared=ckpt.shared_record(
                     self.state, self.global_state,
                     strategy.state_dict(), self.sampling().as_dict(), learning_rates(site.optimizer),
                     self.plateau.state_dict() if self.plateau is not None else None,
-                    self.history_before_resume + self.history + [metrics]),
+                    self.history_before_resume + self.history + [metrics], self._settings),
                 local=ckpt.local_record(self.state.round, model.state_dict(), site.optimizer.state_dict(),
                                         self.global_step, self._private.state_dict() if self._private else None,
                                         self._average.state_dict() if self._average is not None else None),

@@ -1,12 +1,14 @@
 """What may cross a site boundary, stated once and checked on every send.
 
 Only aggregate numbers leave a site: model parameters, example counts, loss sums, metric and label
-sufficient statistics, update norms, small control tensors, each site's dataset name, the handshake and
-round-check bytes of the trust layer and, under secure aggregation, each site's public key and masked
-parameters and statistics. Subject ids, predictions and images never cross; a payload is a numeric tensor,
-every kind except ``"parameters"`` and ``"masked_parameters"`` is at most 16 numbers (64 masked statistics), a ``"site_name"`` or a
-``"public_key"`` at most 32 bytes, a ``"round_mac"`` 96 and a ``"handshake"`` message 4 KiB of bytes, so a
-per-subject vector cannot slip through under another name.
+sufficient statistics, update screening's numbers and directions, small control tensors, each site's dataset
+name, the handshake and round-check bytes of the trust layer and, under secure aggregation, each site's
+public key and masked parameters and statistics (then no site's own statistics, screening numbers or
+direction cross in the clear). Subject ids, predictions and images never cross; a payload is a numeric
+tensor, every kind except ``"parameters"``, ``"update_direction"`` and ``"masked_parameters"`` is at most 16
+numbers (64 masked statistics), a ``"site_name"`` or a ``"public_key"`` at most 32 bytes, a ``"round_mac"``
+96 and a ``"handshake"`` message 4 KiB of bytes, so a per-subject vector cannot slip through under another
+name.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ KIND_DOCS: dict[str, str] = {
                  "and coins; under secure aggregation, each site's signature over its X25519 key.",
     "round_mac": "A round's integrity check (96 uint8): the hash of the new global state and pooled statistics, "
                  "and this site's Ed25519 signature of it.",
-    "update_norm": "Update screening (float64): the L2 norm of a site's update, its weight and whether it was "
-                   "finite; one scalar triple per site and round.",
+    "update_norm": "Update screening (float64): the L2 norms of a site's update and of its weights' update, its "
+                   "weight, whether it was finite, its cosine to the other sites' updates and the range of its "
+                   "BatchNorm variance ratios; seven numbers per site and round, never sent under secure "
+                   "aggregation.",
+    "update_direction": "Update screening: the unit vector of a site's weight update (float), summed over the sites "
+                        "so that each can compare its direction with the others'; never sent under secure "
+                        "aggregation or DP-FedAvg.",
     "public_key": "The site's X25519 public key for secure aggregation: 32 uint8 bytes, once per run (never the private key).",
     "masked_parameters": "Fixed-point parameters (or updates) plus pairwise masks, int64 residues mod 2^k: uniform noise "
                          "on its own, only the sum over all sites means anything (secure aggregation).",
@@ -74,9 +81,9 @@ def check_payload(kind: str, tensor: object) -> None:
         raise FederationPayloadError(
             f"payload of kind {kind!r} has non-numeric dtype {tensor.dtype}; send a real or integer tensor"
         )
-    if kind == "parameters":
+    if kind in ("parameters", "update_direction"):
         if not tensor.is_floating_point():
-            raise FederationPayloadError(f"'parameters' payload must be floating point, got {tensor.dtype}")
+            raise FederationPayloadError(f"{kind!r} payload must be floating point, got {tensor.dtype}")
     elif kind == "masked_parameters":
         if tensor.dtype != torch.int64:
             raise FederationPayloadError(f"'masked_parameters' payload must be int64 residues, got {tensor.dtype}")

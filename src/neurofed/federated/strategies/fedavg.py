@@ -4,6 +4,12 @@
 
 over the sites ``k`` that trained this round, ``n_k`` their training examples (or 1 each when unweighted).
 One all_reduce of a flat vector does it; every site gets the same sum.
+
+**Tolerance.** None: one site can move the mean anywhere (a weight of ``n_k / Σ n`` times whatever it sends).
+Update screening (:mod:`~neurofed.federated.screening`) leaves out the updates that look faulty before the
+mean is taken, and the aggregate checks (:mod:`~neurofed.federated.aggregate_checks`) refuse a mean that
+cannot be evaluated; against a hostile site that stays within the screening bounds, use FedMedian or
+FedTrimmedAvg.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
     w_global[i] ← median_k w_k[i]        over the sites k that trained this round
 
-Unweighted by design: a site's influence on each coordinate is bounded whatever it sends or claims, so a
-minority of faulty sites cannot move the global model far. With an even number of sites the median is the
+Unweighted by design: a site's influence on each coordinate is bounded whatever it sends or claims.
+
+**Tolerance.** While fewer than half of the ``m`` contributing sites are faulty — ``⌈m/2⌉ − 1`` of them: 1 of
+3 or 4, 2 of 5 or 6 — every coordinate stays within the range of the honest sites' values, whatever the
+faulty ones send; half of the sites can move it anywhere. With an even number of sites the median is the
 mean of the two middle values (as numpy's). It needs every site's vector (one all_gather), so it cannot
 run under secure aggregation.
 """
