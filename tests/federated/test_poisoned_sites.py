@@ -34,7 +34,8 @@ def test_flipped_and_scaled_updates_are_left_out_and_only_the_attackers(tmp_path
     # population (no intensity shift between them), so their honest updates agree, and the federation sets the
     # direction threshold that such sites allow (the default leaves room for very unlike sites).
     port = free_port()
-    same = {"rounds": 4, "data": {"shift": 0.0}, "federation": {"min_update_cosine": -0.3}}
+    # BatchNorm statistics averaged like weights (precise_bn off), so that ×8 can extrapolate them.
+    same = {"rounds": 4, "data": {"shift": 0.0}, "federation": {"min_update_cosine": -0.3}, "precise_bn": False}
     opts = [same] * 3 + [{**same, "alter": ATTACKS}]
     _join([_start(real_site, k, 4, port, str(tmp_path), None, opts[k]) for k in range(4)], work_s=WORK_S)
     sites = _results(tmp_path, 4)
@@ -49,12 +50,16 @@ def test_flipped_and_scaled_updates_are_left_out_and_only_the_attackers(tmp_path
         assert all(torch.equal(s["final"][k], sites[0]["final"][k]) for s in sites)
 
 
-def test_an_aggregate_that_cannot_be_evaluated_is_never_committed_and_repeated_failures_stop_the_run(tmp_path):
+@pytest.mark.parametrize("recipe", [{"precise_bn": False}, {"precise_bn": True, "ema_decay": 0.5}],
+                         ids=["averaged-statistics", "precise-bn-and-weight-average"])
+def test_an_aggregate_that_cannot_be_evaluated_is_never_committed_and_repeated_failures_stop_the_run(tmp_path, recipe):
     # Two sites: no median or direction to compare with, so site 1's weights × 1e30 pass screening, but the
-    # mean model's validation loss is not finite. Round 2 fails alone; rounds 4, 5 and 6 fail in a row.
+    # mean model's validation loss is not finite. Round 2 fails alone; rounds 4, 5 and 6 fail in a row. With the
+    # shipped recipe (site-local BatchNorm statistics, a weight average) the rejected round's aggregate must not
+    # survive in the average either: every committed round's validation loss stays finite.
     port = free_port()
     blow_up = (1e30, "weights")
-    opts = [{"rounds": 6}, {"rounds": 6, "alter": {r: blow_up for r in (1, 3, 4, 5)}}]
+    opts = [{"rounds": 6, **recipe}, {"rounds": 6, "alter": {r: blow_up for r in (1, 3, 4, 5)}, **recipe}]
     _join([_start(real_site, k, 2, port, str(tmp_path), None, opts[k]) for k in range(2)], work_s=WORK_S)
     for k, s in enumerate(_results(tmp_path, 2)):
         assert s["error"] == "FederationAggregateError", s
@@ -64,13 +69,16 @@ def test_an_aggregate_that_cannot_be_evaluated_is_never_committed_and_repeated_f
         assert "resume with --ckpt_path last" in message
         # round 2 was not committed and round 3 started from round 1's model; round 3 is the last committed
         starts = s["starts"]
-        for key in ("conv.weight", "bn.running_var", "head.weight"):
+        # site-local statistics are re-estimated for whichever model a site holds: compared where they are shared
+        keys = ("conv.weight", "head.weight") + (() if recipe["precise_bn"] else ("bn.running_var",))
+        for key in keys:
             assert torch.equal(starts[2][key], starts[1][key]) and not torch.equal(starts[1][key], starts[0][key])
             assert torch.equal(starts[5][key], starts[3][key])  # rounds 4 and 5 failed: still round 3's model
         assert committed_rounds(tmp_path / f"run{k}", k) == (3, 1)
     history = read_json(tmp_path / "run0" / "history.json")  # every round that ran, the rejected ones too
     assert [h["rejected"] for h in history] == [0.0, 1.0, 0.0, 1.0, 1.0]
     assert all(h["val/pooled/loss"] is None for h in history if h["rejected"])  # not finite: null in JSON
+    assert all(math.isfinite(h["val/pooled/loss"]) for h in history if not h["rejected"])
     lines = read_status(tmp_path / "run0").lines()
     assert "not committed (the new global model failed its checks): round 2, 4, 5" in lines, lines
 

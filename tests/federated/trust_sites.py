@@ -134,6 +134,7 @@ def real_site(rank: int, n: int, port: int, out: str, secret_file: str | None, o
                                    enable_progress_bar=False, default_root_dir=out, run_name=f"run{rank}",
                                    callbacks=callbacks, federation=fed, seed=options.get("seed", 0),
                                    local_epochs=options.get("local_epochs", 1),
+                                   precise_bn=options.get("precise_bn", True), ema_decay=options.get("ema_decay"),
                                    strategy=options.get("strategy", lambda: None)())
         if "alter_at" in options:
             from neurofed.federated.group import FederationGroup
