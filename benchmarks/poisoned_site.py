@@ -411,6 +411,13 @@ def report(out: Path, results: list[dict[str, Any]], honest_refs: list[dict[str,
     return md
 
 
+def command_line() -> str:
+    """The command that wrote the tables (``--report-only`` left out: it only rebuilds them from the runs)."""
+    import shlex
+
+    return "python benchmarks/poisoned_site.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "poisoned_site")
@@ -454,7 +461,7 @@ def main() -> None:
     print("\n".join(md))
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     (args.docs_dir / "poisoned_site.md").write_text(
-        "# One faulty or hostile site\n\nWritten by `python benchmarks/poisoned_site.py` (this file and "
+        "# One faulty or hostile site\n\nWritten by `" + command_line() + "` (this file and "
         "`poisoned_site_runs.tsv`, `poisoned_site_screening.tsv` beside it); what the checks are: "
         "`docs/robustness.md`.\n\n" + "\n".join(md) + "\n")
     for name in ("runs.tsv", "screening.tsv"):
