@@ -38,6 +38,18 @@ def test_statistics_are_the_average_of_the_batches_whatever_came_before():
     assert model.training and bn.training and model[1].training
 
 
+def test_a_batch_of_one_scan_with_one_voxel_per_channel_is_skipped_not_fatal():
+    # a shard of one scan (a site's ranks under DDP) reaching a layer whose maps shrank to one voxel: BatchNorm
+    # cannot compute a variance there; that batch is left out, the others are used
+    model = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.BatchNorm3d(2))
+    two, one = _batches(1, size=2, seed=1)[0], _batches(1, size=1, seed=2)[0]
+    assert recompute_batchnorm(model, [two, one]) == 1
+    expected = two["image"].mean(dim=(2, 3, 4)).reshape(2, 2)
+    torch.testing.assert_close(model[1].running_mean, expected.mean(dim=0))
+    assert recompute_batchnorm(model, [one]) == 0  # nothing usable: the statistics stay as they were
+    torch.testing.assert_close(model[1].running_mean, expected.mean(dim=0))
+
+
 def test_only_batchnorm_runs_in_training_mode_during_the_pass():
     seen = []
 

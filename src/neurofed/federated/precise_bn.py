@@ -116,7 +116,12 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable, datamodule: Any = N
     try:
         for batch in batches:
             batch = after_transfer(datamodule, _without_augmentation(batch), 0)
-            run(_image(model, batch))
+            try:
+                run(_image(model, batch))
+            except ValueError as e:  # a batch of one scan whose feature maps shrank to one voxel: no variance
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                continue
             used += 1
     finally:
         for m, momentum, mean, var, tracked in saved:
