@@ -93,7 +93,7 @@ def main() -> int:
                     continue
                 for seed in seeds:
                     name = run_name(variant, method, seed)
-                    if args.resume and (out / "runs" / name / "history.json").is_file():
+                    if args.resume and (out / "runs" / name / "test_metrics.json").is_file():  # fit and test done
                         continue
                     base = ["--config", str(CONFIG), "--seed_everything", str(seed), "--data.split_seed",
                             str(42 + seed), "--data.cache_dir", str(out / "cache"), "--trainer.default_root_dir",
