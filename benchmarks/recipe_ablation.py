@@ -1,8 +1,8 @@
 """Which training changes make federated brain age converge: each change alone, judged on validation only.
 
 On the demo's data (three synthetic sites, 40 subjects per site on average, 4 mm input, quarter-width SFCN),
-every variant is trained centralized (one site holding the three roots), with FedAvg and with FedBN, for several
-seeds, and judged on the pooled **validation** loss per round only (the test split is never looked at here):
+every variant is trained centralized (one site holding the three roots), with FedAvg and with FedBN (seed 0;
+"before" and "recipe" also seeds 1 and 2 for their spread: ``--spread``, ``--seeds``), and judged on the pooled **validation** loss per round only (the test split is never looked at here):
 
 - ``best``: the lowest pooled validation loss (years; L1);
 - ``last``: the last round's;
@@ -68,7 +68,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="folder with the three demo sites (default: generate them under --out)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the --spread variants")
+    parser.add_argument("--spread", default="before,recipe",
+                        help="variants trained with --seeds seeds, for their spread; every other variant: seed 0")
     parser.add_argument("--resume", action="store_true", help="skip runs that already finished")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -78,6 +80,8 @@ def main() -> int:
         if v not in VARIANTS:
             sys.exit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     seeds = list(range(args.seeds))
+    spread = {v.strip() for v in args.spread.split(",")}
+    seeds_of = {v: seeds if v in spread else seeds[:1] for v in VARIANTS}
     data = (args.data or out / "sites").resolve()
     roots = [str(data / s) for s in rep.HEALTHY]
     logs = out / "logs"
@@ -91,9 +95,9 @@ def main() -> int:
             for method, strategy in METHODS.items():
                 if method not in ONLY.get(variant, METHODS):
                     continue
-                for seed in seeds:
+                for seed in seeds_of[variant]:
                     name = run_name(variant, method, seed)
-                    if args.resume and (out / "runs" / name / "history.json").is_file():
+                    if args.resume and (out / "runs" / name / "test_metrics.json").is_file():  # fit and test done
                         continue
                     base = ["--config", str(CONFIG), "--seed_everything", str(seed), "--data.split_seed",
                             str(42 + seed), "--data.cache_dir", str(out / "cache"), "--trainer.default_root_dir",
@@ -107,17 +111,17 @@ def main() -> int:
                         cmd = rep.neurofed("simulate", "--roots", ",".join(roots), "fit", *base,
                                            "--trainer.strategy.class_path", rep.STRATEGIES[strategy])
                     minutes[name] = rep.run(cmd, logs / f"{name}.log") / 60
-    report(args, out, variants, seeds, minutes)
+    report(args, out, variants, seeds_of, minutes)
     return 0
 
 
-def report(args: argparse.Namespace, out: Path, variants: list[str], seeds: list[int],
+def report(args: argparse.Namespace, out: Path, variants: list[str], seeds_of: dict[str, list[int]],
            minutes: dict[str, float]) -> None:
     warmup = rep.warmup_rounds(CONFIG)
     rows, curves = ["variant\tmethod\tseed\trounds\tbest_round\tbest\tlast\tmax_rise"], {}
     for variant in variants:
         for method in METHODS:
-            for seed in seeds:
+            for seed in seeds_of[variant]:
                 name = run_name(variant, method, seed)
                 history = out / "runs" / name / "history.json"
                 if not history.is_file():
@@ -134,11 +138,12 @@ def report(args: argparse.Namespace, out: Path, variants: list[str], seeds: list
     from neurofed.plots import loss_per_round
 
     for method in METHODS:
-        pair = {v: curves.get(run_name(v, method, seeds[0])) for v in ("before", "recipe")}
+        pair = {v: curves.get(run_name(v, method, 0)) for v in ("before", "recipe")}
         if all(pair.values()):
             loss_per_round(pair, results / f"val_loss_{method.lower()}.png",
-                           ylabel="pooled validation loss (L1, years)", run=f"{method}, seed {seeds[0]}")
-    write_meta(results, seeds, variants={v: VARIANTS[v] for v in variants}, warmup_rounds=warmup,
+                           ylabel="pooled validation loss (L1, years)", run=f"{method}, seed 0")
+    write_meta(results, sorted({s for v in variants for s in seeds_of[v]}),
+               seeds_per_variant={v: seeds_of[v] for v in variants}, variants={v: VARIANTS[v] for v in variants}, warmup_rounds=warmup,
                minutes={k: round(v, 2) for k, v in minutes.items()}, config=str(CONFIG.relative_to(rep.REPO)))
     print("\n".join(rows))
     subprocess.run([sys.executable, str(rep.REPO / "benchmarks" / "report.py")], cwd=rep.REPO, check=False)
