@@ -154,6 +154,17 @@ class ToyDataModule(L.LightningDataModule):
         return batch
 
 
+class CrashAfter:
+    """A round hook that stops the process's fit after round ``n`` is committed, as a crash would."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_round_end(self, trainer, round, metrics) -> None:
+        if round + 1 == self.n:
+            raise RuntimeError("crash")
+
+
 def site_data(rank: int, **kw) -> ToyDataModule:
     """Site ``rank``'s data: different subjects, sizes and intensity shifts per site."""
     defaults = dict(n_train=12 + 4 * rank, seed=rank, shift=0.5 * rank, name=f"toy{rank}")

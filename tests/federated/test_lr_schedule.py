@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from federated_toys import ToyRegressor, site_data
+from federated_toys import CrashAfter, ToyRegressor, site_data
 
 from neurofed.federated import FederatedTrainer
 from neurofed.federated.errors import SettingsError
@@ -49,17 +49,6 @@ def test_apply_keeps_the_initial_rate_and_honours_scale_and_floor():
     assert [g["initial_lr"] for g in opt.param_groups] == [0.1, 0.01]
 
 
-class _CrashAfter:
-    """A round hook that stops the process's fit after round ``n`` is committed, as a crash would."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_round_end(self, trainer, round, metrics) -> None:
-        if round + 1 == self.n:
-            raise RuntimeError("crash")
-
-
 def _fit(tmp_path, ckpt_path=None, run_name="run", callbacks=()):
     L.seed_everything(0)
     model = ToyRegressor(lr=0.05)
@@ -75,7 +64,7 @@ def test_each_round_trains_at_the_scheduled_rate_and_a_resume_continues_the_curv
     schedule = RoundSchedule("cosine", warmup_rounds=1)
     assert [h["lr"] for h in trainer.history] == pytest.approx([0.05 * schedule.factor(r, 4) for r in range(4)])
     with pytest.raises(RuntimeError, match="crash"):
-        _fit(tmp_path, run_name="crashed", callbacks=[_CrashAfter(2)])
+        _fit(tmp_path, run_name="crashed", callbacks=[CrashAfter(2)])
     resumed, resumed_trainer = _fit(tmp_path, ckpt_path="last", run_name="crashed")
     assert [h["lr"] for h in resumed_trainer.history] == [h["lr"] for h in trainer.history[2:]]
     for k, v in model.state_dict().items():

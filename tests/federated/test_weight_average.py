@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from federated_toys import ToyRegressor, site_data
+from federated_toys import CrashAfter, ToyRegressor, site_data
 from torch import nn
 
 from neurofed.federated import FederatedTrainer
@@ -40,15 +40,6 @@ class _Globals:
         self.states.append({k: v.detach().clone() for k, v in trainer.site.model.state_dict().items()})
 
 
-class _CrashAfter:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_round_end(self, trainer, round, metrics) -> None:
-        if round + 1 == self.n:
-            raise RuntimeError("crash")
-
-
 def _fit(tmp_path, name, callbacks=(), ckpt_path=None, rounds=4):
     L.seed_everything(0)
     model = ToyRegressor()
@@ -77,7 +68,7 @@ def test_the_trainer_evaluates_keeps_and_returns_the_average(tmp_path):
 def test_a_resumed_run_with_an_average_repeats_the_uninterrupted_one(tmp_path):
     full, _ = _fit(tmp_path, "full")
     with pytest.raises(RuntimeError, match="crash"):
-        _fit(tmp_path, "crashed", [_CrashAfter(2)])
+        _fit(tmp_path, "crashed", [CrashAfter(2)])
     resumed, _ = _fit(tmp_path, "crashed", ckpt_path="last")
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
