@@ -193,18 +193,6 @@ def render_replication_comparisons() -> str:
     return "\n".join([table(header, body), "", provenance(folder)]) + "\n"
 
 
-@renderer("replication-sdmt")
-def render_replication_sdmt() -> str:
-    folder = RESULTS / "replication"
-    meta = read_json(folder / "meta.json")
-    if "sdmt" not in meta.get("test_scans", {}):
-        return "SDMT was not run.\n"
-    scans = meta["test_scans"]["sdmt"]
-    text = [_task_table(folder, "sdmt", "shallow"), "",
-            f"Test scans per seed: {', '.join(map(str, scans))} ({sum(scans)} in all). Bold: the interval excludes zero."]
-    return "\n".join([*text, "", provenance(folder)]) + "\n"
-
-
 @renderer("replication-stability")
 def render_replication_stability() -> str:
     folder = RESULTS / "replication"
